@@ -249,10 +249,10 @@ class Reassembler:
 
     __slots__ = ("_expected", "_limits", "_partials", "_recent")
 
-    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
-        """Start a fresh direction; the first fragment must carry sequence 0."""
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, *, first_seq: int = 0) -> None:
+        """Start a fresh direction; a new connection starts at sequence 0."""
         self._limits = limits
-        self._expected = 0
+        self._expected = first_seq & _SEQ_MASK
         self._partials: dict[Channel, _Partial] = {}
         self._recent: deque[int] = deque(maxlen=_HISTORY)
 

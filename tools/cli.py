@@ -25,7 +25,9 @@ PROG: Final = "glasses-relay"
 class Subcommand(Protocol):
     """What a subcommand module provides."""
 
-    def register(self, sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def register(
+        self, sub: argparse._SubParsersAction[argparse.ArgumentParser]
+    ) -> None:
         """Add the subcommand's parser; set ``handler`` with ``set_defaults``."""
 
 
