@@ -1,0 +1,1154 @@
+"""Durable outbox: sealed envelopes waiting for the gateway's signed acknowledgement.
+
+The daemon seals each message for the cloud into an opaque envelope and puts it here;
+the uplink takes envelopes out in priority-then-insertion order and sends them; a row
+is deleted only by :meth:`Outbox.ack`, which the caller invokes after verifying the
+gateway's *signed* end-to-end acknowledgement (never on an MQTT PUBACK). The envelope
+bytes are stored and resent unchanged; they are never logged.
+
+Storage and threading:
+    One SQLite file in WAL mode, owned by a single worker thread that holds the only
+    connection (``sqlite3`` connections are thread-bound). The event loop talks to the
+    worker through a FIFO queue and awaits futures; no SQLite call runs on the loop.
+    Requests are handled in submission order, so a ``put`` that returned is visible to
+    every later ``next_batch``.
+
+Group commit:
+    ``put`` calls that reach the worker within ``commit_interval`` seconds of the first
+    one, up to ``commit_max_batch`` rows, share one transaction. Every ``put`` returns
+    only after that transaction has committed: when it returns the row is durable and
+    the glasses may be acknowledged. A ``put`` whose awaiting task is cancelled may
+    still have been committed; the glasses resend it and the duplicate is recognised.
+
+Durability (``OutboxConfig.synchronous``):
+    ``NORMAL`` (default): a committed row survives a crash or SIGKILL of the process at
+    any point; after a power loss or an operating-system crash the last transactions
+    before the most recent WAL checkpoint may roll back (SQLite does not fsync the WAL
+    on each commit). The glasses were already acknowledged for those rows, so they can
+    be lost; this is accepted as rare on phones.
+    ``FULL``: the WAL is fsynced at every commit, so a committed row also survives
+    power loss (on storage that honours fsync). It costs one fsync per group commit,
+    which grouping amortises over the batch.
+
+Limits and policy when full (named in :class:`OutboxConfig`):
+    Every row whose ``put`` returned was acknowledged to the glasses as durable, so it
+    is never dropped to make room, with exactly two exceptions, both counted:
+
+    a. real-time rows (declared ``realtime``, e.g. live audio) whose ``expires_at`` has
+       passed are dropped (``dropped_expired``);
+    b. rows older than ``max_age_s`` are dropped (``dropped_age``).
+
+    :meth:`Outbox.expire` applies (a) and (b) explicitly; it also runs at open and
+    whenever a put would exceed ``max_rows`` or ``max_bytes``. If the put still does not
+    fit, it is refused with :class:`OutboxFullError`: the caller must stop
+    acknowledging the glasses, so backpressure reaches the source. A real-time put is
+    dropped at once instead (no backpressure; counted as ``dropped_realtime_full``,
+    and ``OutboxFullError.realtime`` is set); it is never acknowledged as durable.
+    A duplicate of a stored row is recognised even when the outbox is full.
+    ``max_bytes`` bounds the sum of envelope sizes; the file itself tracks the peak
+    (SQLite reuses freed pages) plus a bounded WAL.
+
+Time:
+    ``clock`` (default :func:`time.time`) gives wall-clock seconds; it is stored in the
+    rows, so it must mean the same thing across restarts. It is read on the event-loop
+    thread only and is injectable for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import os
+import queue
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence, Set
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self, TypeVar
+
+__all__ = [
+    "MSG_ID_SIZE",
+    "EnvelopeTooLargeError",
+    "ExpireResult",
+    "Outbox",
+    "OutboxClosedError",
+    "OutboxConfig",
+    "OutboxError",
+    "OutboxFullError",
+    "OutboxItem",
+    "OutboxRow",
+    "OutboxStats",
+    "OutboxStorageError",
+    "Priority",
+    "PutOutcome",
+    "Synchronous",
+]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+MSG_ID_SIZE: Final = 16
+"""Length of a message id in bytes (the outbox primary key)."""
+
+_MAX_PRIORITY: Final = 255
+_SCHEMA_VERSION: Final = 1
+_FILE_MODE: Final = 0o600
+_BUSY_TIMEOUT_S: Final = 5.0
+_WAL_SIZE_LIMIT: Final = 8 * 1024 * 1024
+_SQL_CHUNK: Final = 500  # ids per IN (...) clause; far below SQLite's variable limit
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS outbox (
+    msg_id     BLOB PRIMARY KEY NOT NULL CHECK (length(msg_id) = 16),
+    priority   INTEGER NOT NULL,
+    realtime   INTEGER NOT NULL,
+    expires_at REAL,
+    created_at REAL NOT NULL,
+    size       INTEGER NOT NULL,
+    topic      TEXT NOT NULL,
+    envelope   BLOB NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_send_order ON outbox (priority);
+CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created_at);
+CREATE INDEX IF NOT EXISTS outbox_expires ON outbox (expires_at)
+    WHERE expires_at IS NOT NULL;
+"""
+_INSERT: Final = (
+    "INSERT OR IGNORE INTO outbox "
+    "(msg_id, priority, realtime, expires_at, created_at, size, topic, envelope) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# rowid grows with every insert (max + 1), so it is the insertion order, also across
+# restarts. The unary + keeps the planner on outbox_send_order (no sort step).
+_SELECT_SENDABLE: Final = (
+    "SELECT msg_id, priority, realtime, expires_at, created_at, size, topic, "
+    "envelope, attempts FROM outbox "
+    "WHERE (+expires_at IS NULL OR +expires_at > ?) AND +created_at >= ? "
+    "ORDER BY priority, rowid"
+)
+
+
+class OutboxError(Exception):
+    """Base class of every error raised by the outbox."""
+
+
+class OutboxFullError(OutboxError):
+    """A put was refused because the outbox is at ``max_rows`` or ``max_bytes``.
+
+    Nothing was stored: do not acknowledge the message to the glasses.
+
+    Attributes:
+        msg_id: The refused message id.
+        realtime: True if the refused item was real-time (counted as
+            ``dropped_realtime_full`` instead of ``refused_full``).
+    """
+
+    def __init__(self, msg_id: bytes, *, realtime: bool) -> None:
+        kind = "real-time put dropped" if realtime else "put refused"
+        super().__init__(f"outbox full: {kind} for {msg_id.hex()}")
+        self.msg_id = msg_id
+        self.realtime = realtime
+
+
+class EnvelopeTooLargeError(OutboxError, ValueError):
+    """An envelope is larger than ``max_bytes`` and could never be stored."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"envelope of {size} bytes exceeds max_bytes={limit}")
+        self.size = size
+        self.limit = limit
+
+
+class OutboxClosedError(OutboxError):
+    """The outbox was used after :meth:`Outbox.close`."""
+
+
+class OutboxStorageError(OutboxError):
+    """SQLite or the file system failed; the cause is chained (``__cause__``)."""
+
+
+class Priority(enum.IntEnum):
+    """Customary priorities; lower is more urgent. Any int 0..255 is accepted."""
+
+    INTERACTIVE = 0
+    NORMAL = 1
+    TELEMETRY = 2
+
+
+class Synchronous(enum.StrEnum):
+    """SQLite ``synchronous`` setting; see the module docstring for durability."""
+
+    NORMAL = "NORMAL"
+    FULL = "FULL"
+
+
+class PutOutcome(enum.Enum):
+    """What happened to one item handed to :meth:`Outbox.put_many`."""
+
+    STORED = "stored"
+    """Newly stored and durable: acknowledge it."""
+    DUPLICATE = "duplicate"
+    """Already stored by an earlier put (durable): acknowledge it."""
+    REFUSED_FULL = "refused_full"
+    """Not stored, outbox full: do not acknowledge it."""
+    DROPPED_REALTIME = "dropped_realtime"
+    """Real-time item not stored, outbox full: dropped and counted."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxConfig:
+    """Outbox limits and tuning; see the module docstring for the policy when full.
+
+    Attributes:
+        max_bytes: Cap on the sum of stored envelope sizes.
+        max_rows: Cap on the number of stored rows.
+        max_age_s: Rows older than this are dropped (counted as ``dropped_age``).
+        commit_interval: Seconds the worker waits for more puts to join a transaction
+            (0 = only those already queued).
+        commit_max_batch: Most rows in one group-commit transaction.
+        synchronous: SQLite ``synchronous`` mode (``NORMAL`` or ``FULL``).
+    """
+
+    max_bytes: int = 64 * 1024 * 1024
+    max_rows: int = 100_000
+    max_age_s: float = 7 * 24 * 3600.0
+    commit_interval: float = 0.005
+    commit_max_batch: int = 256
+    synchronous: Synchronous = Synchronous.NORMAL
+
+    def __post_init__(self) -> None:
+        """Validate the limits.
+
+        Raises:
+            ValueError: A limit is not positive, or ``synchronous`` is unknown.
+        """
+        if self.max_bytes < 1 or self.max_rows < 1 or self.commit_max_batch < 1:
+            raise ValueError("max_bytes, max_rows and commit_max_batch must be >= 1")
+        if not self.max_age_s > 0:
+            raise ValueError("max_age_s must be > 0")
+        if not 0 <= self.commit_interval <= 1:
+            raise ValueError("commit_interval must be within [0, 1] seconds")
+        Synchronous(self.synchronous)  # raises ValueError if unknown
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """A sealed message to store.
+
+    Attributes:
+        msg_id: Stable 16-byte message id, the primary key.
+        envelope: The sealed, opaque envelope, sent unchanged (never logged).
+        topic: Route/topic the uplink publishes it on.
+        priority: 0..255, lower is more urgent (see :class:`Priority`).
+        realtime: True only for classes declared real-time (e.g. live audio).
+        expires_at: Clock time after which a real-time row may be dropped; only
+            allowed when ``realtime`` is true.
+    """
+
+    msg_id: bytes
+    envelope: bytes = field(repr=False)
+    topic: str
+    priority: int = Priority.NORMAL
+    realtime: bool = False
+    expires_at: float | None = None
+
+    def __post_init__(self) -> None:
+        """Validate the fields.
+
+        Raises:
+            ValueError: Bad id length, priority out of range, or an expiry on a
+                non-real-time item.
+        """
+        if len(self.msg_id) != MSG_ID_SIZE:
+            raise ValueError(f"msg_id must be {MSG_ID_SIZE} bytes")
+        if not 0 <= self.priority <= _MAX_PRIORITY:
+            raise ValueError(f"priority must be within 0..{_MAX_PRIORITY}")
+        if self.expires_at is not None and not self.realtime:
+            raise ValueError("expires_at is only allowed on real-time items")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A stored row, as returned by :meth:`Outbox.next_batch`.
+
+    Attributes:
+        msg_id: The 16-byte message id.
+        priority: 0..255, lower is more urgent.
+        realtime: Whether the row is of a real-time class.
+        expires_at: Expiry of a real-time row, else None.
+        created_at: Clock time of the put.
+        size: Envelope size in bytes.
+        topic: Route/topic string.
+        envelope: The sealed envelope (never logged).
+        attempts: How many times :meth:`Outbox.mark_attempt` was called for it.
+    """
+
+    msg_id: bytes
+    priority: int
+    realtime: bool
+    expires_at: float | None
+    created_at: float
+    size: int
+    topic: str
+    envelope: bytes = field(repr=False)
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireResult:
+    """Rows dropped by one application of the expiry policy.
+
+    Attributes:
+        expired: Real-time rows past their ``expires_at``.
+        aged: Rows older than ``max_age_s``.
+    """
+
+    expired: int
+    aged: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """A snapshot of the outbox; counters start at zero on every open.
+
+    Attributes:
+        rows: Rows stored (depth).
+        total_bytes: Sum of stored envelope sizes.
+        oldest_age_s: Age of the oldest row by the clock, None when empty.
+        stored: Rows newly stored.
+        duplicates: Puts of an id that was already stored.
+        acked: Rows deleted by :meth:`Outbox.ack`.
+        refused_full: Puts refused with :class:`OutboxFullError`.
+        dropped_realtime_full: Real-time puts dropped because the outbox was full.
+        dropped_expired: Real-time rows dropped past their expiry.
+        dropped_age: Rows dropped for exceeding ``max_age_s``.
+        transactions: Write transactions committed.
+        put_transactions: Of those, group commits of puts.
+    """
+
+    rows: int
+    total_bytes: int
+    oldest_age_s: float | None
+    stored: int
+    duplicates: int
+    acked: int
+    refused_full: int
+    dropped_realtime_full: int
+    dropped_expired: int
+    dropped_age: int
+    transactions: int
+    put_transactions: int
+
+
+@dataclass(slots=True)
+class _State:
+    """Depth and counters; mutated only by the worker thread."""
+
+    rows: int = 0
+    total_bytes: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    acked: int = 0
+    refused_full: int = 0
+    dropped_realtime_full: int = 0
+    dropped_expired: int = 0
+    dropped_age: int = 0
+    transactions: int = 0
+    put_transactions: int = 0
+
+
+def _chunks(ids: Sequence[bytes]) -> Iterator[Sequence[bytes]]:
+    for start in range(0, len(ids), _SQL_CHUNK):
+        yield ids[start : start + _SQL_CHUNK]
+
+
+def _with_ids(head: str, n: int, tail: str = "") -> str:
+    """Return ``head (?, ...) tail`` with ``n`` placeholders (head ends in IN)."""
+    return f"{head} ({','.join('?' * n)}){tail}"
+
+
+def _secure_file(path: Path, *, create: bool) -> None:
+    """Create or check one file: regular, ours, mode 0600 (tightened if wider)."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(path, flags, _FILE_MODE)
+    except FileNotFoundError:
+        if create:
+            raise
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OutboxStorageError(f"{path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise OutboxStorageError(f"{path} is not owned by this user")
+        if st.st_mode & 0o077:
+            logger.warning(
+                "tightening mode of %s from %o to %o",
+                path,
+                stat.S_IMODE(st.st_mode),
+                _FILE_MODE,
+            )
+            os.fchmod(fd, _FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+def _configure(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
+    """Set the pragmas and check that the file is WAL with a known schema."""
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise OutboxStorageError(f"cannot enable WAL (journal_mode={mode})")
+    conn.execute(f"PRAGMA synchronous={Synchronous(synchronous)}")
+    conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version not in (0, _SCHEMA_VERSION):
+        raise OutboxStorageError(f"unknown outbox schema version {version}")
+
+
+class _Store:
+    """The SQLite side; every method runs on the worker thread only."""
+
+    def __init__(self, path: Path, config: OutboxConfig) -> None:
+        self._path = path
+        self._config = config
+        self._conn: sqlite3.Connection | None = None
+        self._refusing = False
+        self.state = _State()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise OutboxClosedError("outbox is not open")
+        return self._conn
+
+    def open(self, now: float) -> None:
+        _secure_file(self._path, create=True)
+        for suffix in ("-wal", "-shm"):
+            _secure_file(self._path.with_name(self._path.name + suffix), create=False)
+        conn = sqlite3.connect(
+            self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None
+        )
+        self._conn = conn
+        try:
+            _configure(conn, self._config.synchronous)
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            rows, total = conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM outbox"
+            ).fetchone()
+            self.state.rows, self.state.total_bytes = int(rows), int(total)
+            self.expire(now)
+        except BaseException:
+            self.close()
+            raise
+        logger.info(
+            "outbox open: %s, %d rows, %d bytes, synchronous=%s",
+            self._path,
+            self.state.rows,
+            self.state.total_bytes,
+            self._config.synchronous,
+        )
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; on failure the in-memory state is restored."""
+        conn = self.conn
+        saved = dataclasses.replace(self.state)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            self.state = saved
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        self.state.transactions += 1
+
+    def _fits(self, size: int) -> bool:
+        st = self.state
+        return (
+            st.rows < self._config.max_rows
+            and st.total_bytes + size <= self._config.max_bytes
+        )
+
+    def _delete(
+        self, conn: sqlite3.Connection, sql: str, params: Sequence[object]
+    ) -> int:
+        sizes = conn.execute(sql, params).fetchall()
+        self.state.rows -= len(sizes)
+        self.state.total_bytes -= sum(size for (size,) in sizes)
+        return len(sizes)
+
+    def _expire_in(self, conn: sqlite3.Connection, now: float) -> ExpireResult:
+        expired = self._delete(
+            conn,
+            "DELETE FROM outbox WHERE expires_at IS NOT NULL AND expires_at <= ? "
+            "RETURNING size",
+            (now,),
+        )
+        aged = self._delete(
+            conn,
+            "DELETE FROM outbox WHERE created_at < ? RETURNING size",
+            (now - self._config.max_age_s,),
+        )
+        self.state.dropped_expired += expired
+        self.state.dropped_age += aged
+        if expired:
+            logger.debug("dropped %d expired real-time rows", expired)
+        if aged:
+            logger.warning(
+                "dropped %d rows older than max_age_s=%s", aged, self._config.max_age_s
+            )
+        return ExpireResult(expired=expired, aged=aged)
+
+    def expire(self, now: float) -> ExpireResult:
+        with self._transaction() as conn:
+            return self._expire_in(conn, now)
+
+    def put_batch(self, batch: Sequence[_PutRequest]) -> list[list[PutOutcome]]:
+        results: list[list[PutOutcome]] = []
+        with self._transaction() as conn:
+            st = self.state
+            expired_at: float | None = None
+            for request in batch:
+                outcomes: list[PutOutcome] = []
+                for item in request.items:
+                    size = len(item.envelope)
+                    if not self._fits(size):
+                        if conn.execute(
+                            "SELECT 1 FROM outbox WHERE msg_id = ?", (item.msg_id,)
+                        ).fetchone():
+                            st.duplicates += 1
+                            outcomes.append(PutOutcome.DUPLICATE)
+                            continue
+                        if expired_at is None or request.now > expired_at:
+                            self._expire_in(conn, request.now)
+                            expired_at = request.now
+                        if not self._fits(size):
+                            outcomes.append(self._refuse(item))
+                            continue
+                    cursor = conn.execute(
+                        _INSERT,
+                        (
+                            item.msg_id,
+                            item.priority,
+                            int(item.realtime),
+                            item.expires_at,
+                            request.now,
+                            size,
+                            item.topic,
+                            item.envelope,
+                        ),
+                    )
+                    if cursor.rowcount == 1:
+                        st.rows += 1
+                        st.total_bytes += size
+                        st.stored += 1
+                        outcomes.append(PutOutcome.STORED)
+                    else:
+                        st.duplicates += 1
+                        outcomes.append(PutOutcome.DUPLICATE)
+                results.append(outcomes)
+        self.state.put_transactions += 1
+        if self._refusing and self._fits(0):
+            self._refusing = False
+            logger.info("outbox accepting puts again (%d rows)", self.state.rows)
+        return results
+
+    def _refuse(self, item: OutboxItem) -> PutOutcome:
+        st = self.state
+        if not self._refusing:
+            self._refusing = True
+            logger.warning(
+                "outbox full (%d rows, %d bytes; limits %d rows, %d bytes): "
+                "refusing puts",
+                st.rows,
+                st.total_bytes,
+                self._config.max_rows,
+                self._config.max_bytes,
+            )
+        if item.realtime:
+            st.dropped_realtime_full += 1
+            return PutOutcome.DROPPED_REALTIME
+        st.refused_full += 1
+        return PutOutcome.REFUSED_FULL
+
+    def next_batch(
+        self, max_items: int, max_bytes: int, exclude: frozenset[bytes], now: float
+    ) -> list[OutboxRow]:
+        rows: list[OutboxRow] = []
+        total = 0
+        cursor = self.conn.execute(
+            _SELECT_SENDABLE, (now, now - self._config.max_age_s)
+        )
+        try:
+            for record in cursor:
+                msg_id, prio, realtime, expires, created, size, topic, env, tries = (
+                    record
+                )
+                if msg_id in exclude:
+                    continue
+                if rows and total + size > max_bytes:
+                    break
+                rows.append(
+                    OutboxRow(
+                        msg_id=msg_id,
+                        priority=prio,
+                        realtime=bool(realtime),
+                        expires_at=expires,
+                        created_at=created,
+                        size=size,
+                        topic=topic,
+                        envelope=env,
+                        attempts=tries,
+                    )
+                )
+                total += size
+                if len(rows) >= max_items:
+                    break
+        finally:
+            cursor.close()
+        return rows
+
+    def ack(self, ids: Sequence[bytes]) -> int:
+        deleted = 0
+        with self._transaction() as conn:
+            for chunk in _chunks(ids):
+                deleted += self._delete(
+                    conn,
+                    _with_ids(
+                        "DELETE FROM outbox WHERE msg_id IN",
+                        len(chunk),
+                        " RETURNING size",
+                    ),
+                    chunk,
+                )
+            self.state.acked += deleted
+        return deleted
+
+    def mark_attempt(self, ids: Sequence[bytes]) -> int:
+        updated = 0
+        with self._transaction() as conn:
+            for chunk in _chunks(ids):
+                updated += conn.execute(
+                    _with_ids(
+                        "UPDATE outbox SET attempts = attempts + 1 WHERE msg_id IN",
+                        len(chunk),
+                    ),
+                    chunk,
+                ).rowcount
+        return updated
+
+    def stats(self, now: float) -> OutboxStats:
+        (oldest,) = self.conn.execute("SELECT min(created_at) FROM outbox").fetchone()
+        st = self.state
+        return OutboxStats(
+            rows=st.rows,
+            total_bytes=st.total_bytes,
+            oldest_age_s=None if oldest is None else max(0.0, now - oldest),
+            stored=st.stored,
+            duplicates=st.duplicates,
+            acked=st.acked,
+            refused_full=st.refused_full,
+            dropped_realtime_full=st.dropped_realtime_full,
+            dropped_expired=st.dropped_expired,
+            dropped_age=st.dropped_age,
+            transactions=st.transactions,
+            put_transactions=st.put_transactions,
+        )
+
+
+@dataclass(slots=True)
+class _PutRequest:
+    items: Sequence[OutboxItem]
+    now: float
+    future: asyncio.Future[list[PutOutcome]]
+
+
+@dataclass(slots=True)
+class _Job:
+    run: Callable[[_Store], None]
+
+
+@dataclass(slots=True)
+class _Stop:
+    future: asyncio.Future[None]
+
+
+_Request = _PutRequest | _Job | _Stop
+
+
+def _storage_error(exc: sqlite3.Error | OSError) -> OutboxStorageError:
+    err = OutboxStorageError(f"outbox storage failed: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _set_result(future: asyncio.Future[_T], result: _T) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[_T], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class Outbox:
+    """The durable outbox; create it with :meth:`open`, release it with :meth:`close`.
+
+    Use as ``async with await Outbox.open(path, config) as outbox: ...``. All methods
+    must be called from the event loop that opened it. Concurrent callers are fine;
+    their requests are served in order by one worker thread.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        config: OutboxConfig,
+        clock: Callable[[], float],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """Use :meth:`open` instead; this only wires the parts together."""
+        self._path = path
+        self._config = config
+        self._clock = clock
+        self._loop = loop
+        self._store = _Store(path, config)
+        self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._opened: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._serve, args=(clock(),), name=f"outbox:{path.name}", daemon=True
+        )
+        self._closing = False
+        self._closed = False
+        self._nonempty = asyncio.Event()
+        self._stored_event = asyncio.Event()
+        self._generation = 0
+        self._debug = logger.isEnabledFor(logging.DEBUG)
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        config: OutboxConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> Self:
+        """Open (or create, mode 0600) the outbox file and start its worker thread.
+
+        Applies the expiry policy once at open. Call once per daemon start; reopening
+        after a crash yields every row whose ``put`` had returned.
+
+        Args:
+            path: The SQLite file; its directory must exist.
+            config: Limits and tuning; defaults to ``OutboxConfig()``.
+            clock: Wall-clock seconds, read on the event-loop thread.
+
+        Returns:
+            The open outbox.
+
+        Raises:
+            OutboxStorageError: The directory is missing, the file is not a regular
+                file owned by this user, or SQLite failed.
+        """
+        loop = asyncio.get_running_loop()
+        outbox = cls(Path(path), config or OutboxConfig(), clock, loop)
+        outbox._thread.start()
+        try:
+            await outbox._opened
+        except BaseException:  # failed, or cancelled while the worker was opening
+            outbox._closing = outbox._closed = True
+            outbox._requests.put(_Stop(loop.create_future()))
+            await asyncio.to_thread(outbox._thread.join)
+            raise
+        return outbox
+
+    async def __aenter__(self) -> Self:
+        """Return the outbox itself."""
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Close the outbox."""
+        await self.close()
+
+    @property
+    def config(self) -> OutboxConfig:
+        """The configuration the outbox was opened with."""
+        return self._config
+
+    @property
+    def generation(self) -> int:
+        """Rows newly stored since open; pass it to :meth:`wait_stored`."""
+        return self._generation
+
+    async def put(self, item: OutboxItem) -> bool:
+        """Store one item durably; returns once its transaction has committed.
+
+        Call it before acknowledging the message to the glasses. Both True and False
+        mean the row is durable and may be acknowledged.
+
+        Args:
+            item: The sealed message.
+
+        Returns:
+            True if newly stored, False if the id was already stored (nothing new
+            was written).
+
+        Raises:
+            OutboxFullError: Not stored (the outbox is full after the expiry policy);
+                do not acknowledge it. For a real-time item ``realtime`` is set: it
+                was dropped and counted, the stream just moves on.
+            EnvelopeTooLargeError: The envelope exceeds ``max_bytes``.
+            OutboxClosedError: The outbox is closed.
+            OutboxStorageError: SQLite failed; nothing was stored.
+        """
+        (outcome,) = await self._submit_puts((item,))
+        if outcome is PutOutcome.STORED:
+            return True
+        if outcome is PutOutcome.DUPLICATE:
+            return False
+        raise OutboxFullError(item.msg_id, realtime=item.realtime)
+
+    async def put_many(self, items: Iterable[OutboxItem]) -> list[PutOutcome]:
+        """Store several items; each is judged on its own, as by :meth:`put`.
+
+        Items are split into transactions of at most ``commit_max_batch`` rows and
+        returns once all of them have committed.
+
+        Args:
+            items: The sealed messages, stored in this order.
+
+        Returns:
+            One outcome per item, in order. Acknowledge ``STORED`` and ``DUPLICATE``
+            items only.
+
+        Raises:
+            EnvelopeTooLargeError: An envelope exceeds ``max_bytes`` (nothing stored).
+            OutboxClosedError: The outbox is closed.
+            OutboxStorageError: SQLite failed.
+        """
+        return await self._submit_puts(tuple(items))
+
+    async def next_batch(
+        self,
+        max_items: int,
+        max_bytes: int,
+        *,
+        exclude: Set[bytes] = frozenset(),
+    ) -> list[OutboxRow]:
+        """Return the next rows to send, in priority-then-insertion order.
+
+        Call it from the uplink; rows stay stored until :meth:`ack`. Expired
+        real-time rows and rows past ``max_age_s`` are skipped. The first row is
+        returned even if it alone exceeds ``max_bytes``; after it the batch stops at
+        the first row that would exceed it.
+
+        Args:
+            max_items: Most rows to return (>= 1).
+            max_bytes: Byte budget for the envelopes.
+            exclude: Ids already in flight, skipped (copied before use).
+
+        Returns:
+            Up to ``max_items`` rows; empty if nothing is sendable.
+
+        Raises:
+            ValueError: ``max_items`` < 1.
+            OutboxClosedError: The outbox is closed.
+            OutboxStorageError: SQLite failed.
+        """
+        if max_items < 1:
+            raise ValueError("max_items must be >= 1")
+        skip = frozenset(exclude)
+        now = self._clock()
+        return await self._call(
+            lambda store: store.next_batch(max_items, max_bytes, skip, now)
+        )
+
+    async def ack(self, ids: Iterable[bytes]) -> int:
+        """Delete rows acknowledged by the gateway.
+
+        Call it only after verifying the gateway's signed acknowledgement.
+
+        Args:
+            ids: Acknowledged message ids; unknown ids are ignored.
+
+        Returns:
+            The number of rows deleted.
+
+        Raises:
+            OutboxClosedError: The outbox is closed.
+            OutboxStorageError: SQLite failed; nothing was deleted.
+        """
+        unique = tuple(dict.fromkeys(ids))
+        if not unique:
+            return 0
+        return await self._call(lambda store: store.ack(unique))
+
+    async def mark_attempt(self, ids: Iterable[bytes]) -> int:
+        """Count one more send attempt for each row; call it when sending them.
+
+        Args:
+            ids: Message ids just sent; unknown ids are ignored.
+
+        Returns:
+            The number of rows updated.
+
+        Raises:
+            OutboxClosedError: The outbox is closed.
+            OutboxStorageError: SQLite failed.
+        """
+        unique = tuple(dict.fromkeys(ids))
+        if not unique:
+            return 0
+        return await self._call(lambda store: store.mark_attempt(unique))
+
+    async def expire(self, now: float | None = None) -> ExpireResult:
+        """Apply the expiry policy: drop expired real-time rows and over-age rows.
+
+        Call it periodically (e.g. from the uplink's timer); puts also apply it when
+        the outbox is full.
+
+        Args:
+            now: Clock time to judge by; defaults to ``clock()``.
+
+        Returns:
+            How many rows were dropped, by reason (also added to the counters).
+
+        Raises:
+            OutboxClosedError: The outbox is closed.
+            OutboxStorageError: SQLite failed; nothing was dropped.
+        """
+        at = self._clock() if now is None else now
+        return await self._call(lambda store: store.expire(at))
+
+    async def stats(self) -> OutboxStats:
+        """Return a consistent snapshot of depth, oldest age and counters.
+
+        Raises:
+            OutboxClosedError: The outbox is closed.
+            OutboxStorageError: SQLite failed.
+        """
+        now = self._clock()
+        return await self._call(lambda store: store.stats(now))
+
+    async def wait_nonempty(self) -> None:
+        """Wait until the outbox holds at least one row (returns at once if it does).
+
+        Raises:
+            OutboxClosedError: The outbox is or gets closed.
+        """
+        self._check_open()
+        await self._nonempty.wait()
+        self._check_open()
+
+    async def wait_stored(self, after: int) -> int:
+        """Wait until a row is newly stored after :attr:`generation` was ``after``.
+
+        The uplink reads ``generation`` before ``next_batch``; if the batch is empty
+        it calls ``wait_stored(generation_read)``, which cannot miss a put.
+
+        Args:
+            after: A value previously read from :attr:`generation`.
+
+        Returns:
+            The new generation.
+
+        Raises:
+            OutboxClosedError: The outbox is or gets closed.
+        """
+        while self._generation <= after:
+            self._check_open()
+            await self._stored_event.wait()
+        return self._generation
+
+    async def close(self) -> None:
+        """Finish queued requests, close the database and stop the worker thread.
+
+        Idempotent. Later calls of other methods raise :class:`OutboxClosedError`.
+        """
+        if self._closing:
+            if not self._closed:
+                await asyncio.to_thread(self._thread.join)
+            return
+        self._closing = True
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._requests.put(_Stop(done))
+        self._nonempty.set()
+        self._stored_event.set()
+        try:
+            await asyncio.shield(done)
+        finally:
+            await asyncio.to_thread(self._thread.join)
+            self._closed = True
+            logger.info("outbox closed: %s", self._path)
+
+    # -- event-loop side plumbing ------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise OutboxClosedError("outbox is closed")
+
+    def _post(self, callback: Callable[..., object], *args: object) -> None:
+        """Run ``callback(*args)`` on the loop; called from the worker thread."""
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed; nobody is waiting any more
+            logger.debug("event loop closed; outbox result dropped")
+
+    def _observe(self, rows: int, stored: int) -> None:
+        """Update the wake-up events after a request completed (loop thread)."""
+        if rows or self._closing:
+            self._nonempty.set()
+        else:
+            self._nonempty.clear()
+        if stored:
+            self._generation += stored
+            event, self._stored_event = self._stored_event, asyncio.Event()
+            event.set()
+
+    async def _submit_puts(self, items: Sequence[OutboxItem]) -> list[PutOutcome]:
+        self._check_open()
+        for item in items:
+            if len(item.envelope) > self._config.max_bytes:
+                raise EnvelopeTooLargeError(len(item.envelope), self._config.max_bytes)
+        now = self._clock()
+        step = self._config.commit_max_batch
+        futures: list[asyncio.Future[list[PutOutcome]]] = []
+        for start in range(0, len(items), step):
+            future: asyncio.Future[list[PutOutcome]] = self._loop.create_future()
+            self._requests.put(_PutRequest(items[start : start + step], now, future))
+            futures.append(future)
+        outcomes: list[PutOutcome] = []
+        for future in futures:
+            outcomes.extend(await future)
+        return outcomes
+
+    async def _call(self, fn: Callable[[_Store], _T]) -> _T:
+        self._check_open()
+        future: asyncio.Future[_T] = self._loop.create_future()
+
+        def run(store: _Store) -> None:
+            try:
+                try:
+                    result = fn(store)
+                except (sqlite3.Error, OSError) as exc:
+                    raise _storage_error(exc) from exc
+            except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
+                self._post(_set_exception, future, exc)
+                return
+            self._post(self._complete, future, result, store.state.rows)
+
+        self._requests.put(_Job(run))
+        return await future
+
+    def _complete(self, future: asyncio.Future[_T], result: _T, rows: int) -> None:
+        self._observe(rows, 0)
+        _set_result(future, result)
+
+    def _complete_puts(
+        self,
+        batch: Sequence[_PutRequest],
+        results: Sequence[list[PutOutcome]],
+        rows: int,
+        stored: int,
+    ) -> None:
+        self._observe(rows, stored)
+        for request, outcomes in zip(batch, results, strict=True):
+            _set_result(request.future, outcomes)
+
+    # -- worker thread -------------------------------------------------------------
+
+    def _serve(self, now: float) -> None:
+        """Worker thread: open the store, then serve requests in order until stopped."""
+        store = self._store
+        try:
+            try:
+                store.open(now)
+            except (sqlite3.Error, OSError) as exc:
+                raise _storage_error(exc) from exc
+        except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
+            self._post(_set_exception, self._opened, exc)
+            return
+        self._post(self._complete, self._opened, None, store.state.rows)
+        carried: _Request | None = None
+        while True:
+            request = carried if carried is not None else self._requests.get()
+            carried = None
+            if isinstance(request, _PutRequest):
+                carried = self._serve_puts(store, request)
+            elif isinstance(request, _Job):
+                request.run(store)
+            else:
+                try:
+                    store.close()
+                except sqlite3.Error as exc:
+                    self._post(_set_exception, request.future, _storage_error(exc))
+                else:
+                    self._post(_set_result, request.future, None)
+                return
+
+    def _serve_puts(self, store: _Store, first: _PutRequest) -> _Request | None:
+        """Gather puts into one transaction; return a non-put request met meanwhile."""
+        config = self._config
+        batch = [first]
+        count = len(first.items)
+        carried: _Request | None = None
+        deadline = time.monotonic() + config.commit_interval
+        while count < config.commit_max_batch:
+            timeout = deadline - time.monotonic()
+            try:
+                if timeout > 0:
+                    request = self._requests.get(timeout=timeout)
+                else:
+                    request = self._requests.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(request, _PutRequest):
+                carried = request
+                break
+            batch.append(request)
+            count += len(request.items)
+        started = time.perf_counter()
+        try:
+            try:
+                results = store.put_batch(batch)
+            except (sqlite3.Error, OSError) as exc:
+                raise _storage_error(exc) from exc
+        except Exception as exc:  # handed to the awaiting callers
+            logger.exception("outbox group commit of %d rows failed", count)
+            for request in batch:
+                self._post(_set_exception, request.future, exc)
+            return carried
+        if self._debug:
+            logger.debug(
+                "committed %d rows from %d puts in %.2f ms",
+                count,
+                len(batch),
+                (time.perf_counter() - started) * 1e3,
+            )
+        stored = sum(o is PutOutcome.STORED for outcomes in results for o in outcomes)
+        self._post(self._complete_puts, batch, results, store.state.rows, stored)
+        return carried

@@ -1,0 +1,444 @@
+"""Tests of relay.outbox: order, idempotence, limits, group commit, crash recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+import relay
+from relay.outbox import (
+    EnvelopeTooLargeError,
+    ExpireResult,
+    Outbox,
+    OutboxClosedError,
+    OutboxConfig,
+    OutboxFullError,
+    OutboxItem,
+    OutboxStorageError,
+    Priority,
+    PutOutcome,
+    Synchronous,
+)
+
+T0 = 1_700_000_000.0
+REPO_ROOT = Path(relay.__file__).resolve().parent.parent
+
+
+class FakeClock:
+    """Wall clock the test moves by hand."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def mid(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+def item(
+    n: int,
+    *,
+    priority: int = Priority.NORMAL,
+    size: int = 10,
+    realtime: bool = False,
+    expires_at: float | None = None,
+) -> OutboxItem:
+    return OutboxItem(
+        msg_id=mid(n),
+        envelope=bytes([n % 256]) * size,
+        topic=f"d/1/up/{n}",
+        priority=priority,
+        realtime=realtime,
+        expires_at=expires_at,
+    )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "outbox.sqlite3"
+
+
+@pytest.fixture
+async def outbox(db: Path, clock: FakeClock) -> AsyncIterator[Outbox]:
+    config = OutboxConfig(commit_interval=0)
+    async with await Outbox.open(db, config, clock=clock) as ob:
+        yield ob
+
+
+def file_mode(path: Path) -> int | None:
+    """Permission bits of ``path``, None if it does not exist (run off the loop)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return None
+
+
+def make_loose_file(path: Path) -> None:
+    path.touch()
+    path.chmod(0o644)
+
+
+async def all_ids(ob: Outbox) -> list[bytes]:
+    return [row.msg_id for row in await ob.next_batch(10**6, 10**9)]
+
+
+async def test_priority_then_insertion_order_and_ack(outbox: Outbox) -> None:
+    prios = [2, 1, 0, 2, 1, 0, 1]
+    for n, prio in enumerate(prios):
+        assert await outbox.put(item(n, priority=prio))
+    rows = await outbox.next_batch(100, 10**6)
+    assert [r.msg_id for r in rows] == [mid(n) for n in (2, 5, 1, 4, 6, 0, 3)]
+    first = rows[0]
+    assert first.priority == 0
+    assert first.topic == "d/1/up/2"
+    assert first.envelope == bytes([2]) * 10
+    assert first.size == 10
+    assert first.created_at == T0
+    assert first.attempts == 0
+    assert not first.realtime
+    assert first.expires_at is None
+
+    assert await outbox.ack([mid(2), mid(5), mid(99), mid(2)]) == 2
+    assert await outbox.ack([]) == 0
+    assert await all_ids(outbox) == [mid(n) for n in (1, 4, 6, 0, 3)]
+    stats = await outbox.stats()
+    assert (stats.rows, stats.total_bytes, stats.acked) == (5, 50, 2)
+
+
+async def test_next_batch_limits_and_exclude(outbox: Outbox) -> None:
+    for n in range(6):
+        await outbox.put(item(n, size=100))
+    assert [r.msg_id for r in await outbox.next_batch(2, 10**6)] == [mid(0), mid(1)]
+    # Byte budget stops before the first row that would exceed it.
+    assert len(await outbox.next_batch(10, 250)) == 2
+    # An oversized first row is still returned, alone.
+    assert [r.msg_id for r in await outbox.next_batch(10, 1)] == [mid(0)]
+    inflight = {mid(0), mid(2)}
+    rows = await outbox.next_batch(3, 10**6, exclude=inflight)
+    assert [r.msg_id for r in rows] == [mid(1), mid(3), mid(4)]
+    all_six = {mid(n) for n in range(6)}
+    assert await outbox.next_batch(10, 10**6, exclude=all_six) == []
+    with pytest.raises(ValueError, match="max_items"):
+        await outbox.next_batch(0, 10)
+
+
+async def test_mark_attempt(outbox: Outbox) -> None:
+    await outbox.put_many([item(1), item(2)])
+    assert await outbox.mark_attempt([mid(1), mid(1), mid(7)]) == 1
+    assert await outbox.mark_attempt([mid(1), mid(2)]) == 2
+    assert await outbox.mark_attempt([]) == 0
+    rows = {r.msg_id: r.attempts for r in await outbox.next_batch(10, 10**6)}
+    assert rows == {mid(1): 2, mid(2): 1}
+
+
+async def test_duplicate_put_is_idempotent(outbox: Outbox) -> None:
+    assert await outbox.put(item(1, priority=2)) is True
+    changed = OutboxItem(mid(1), b"other", "other/topic", priority=0)
+    assert await outbox.put(changed) is False
+    rows = await outbox.next_batch(10, 10**6)
+    assert len(rows) == 1
+    assert (rows[0].envelope, rows[0].priority) == (bytes([1]) * 10, 2)
+    # Concurrent duplicates in one group commit: exactly one is stored.
+    results = await asyncio.gather(*(outbox.put(item(5)) for _ in range(10)))
+    assert sorted(results) == [False] * 9 + [True]
+    outcomes = await outbox.put_many([item(6), item(6), item(1)])
+    assert outcomes == [PutOutcome.STORED, PutOutcome.DUPLICATE, PutOutcome.DUPLICATE]
+    stats = await outbox.stats()
+    assert (stats.rows, stats.stored, stats.duplicates) == (3, 3, 12)
+
+
+async def test_realtime_expiry_is_counted(outbox: Outbox, clock: FakeClock) -> None:
+    await outbox.put(item(1, realtime=True, expires_at=T0 + 1))
+    await outbox.put(item(2, realtime=True, expires_at=T0 + 5))
+    await outbox.put(item(3, realtime=True))  # real-time without a deadline
+    await outbox.put(item(4))
+    clock.now = T0 + 2
+    # Expired rows are no longer offered, even before expire() runs.
+    assert await all_ids(outbox) == [mid(2), mid(3), mid(4)]
+    assert await outbox.expire() == ExpireResult(expired=1, aged=0)
+    assert await outbox.expire(T0 + 5) == ExpireResult(expired=1, aged=0)
+    assert await all_ids(outbox) == [mid(3), mid(4)]
+    stats = await outbox.stats()
+    assert (stats.rows, stats.total_bytes, stats.dropped_expired) == (2, 20, 2)
+    assert stats.dropped_age == 0
+
+
+async def test_age_cap(db: Path, clock: FakeClock) -> None:
+    config = OutboxConfig(max_age_s=100.0, max_rows=2, commit_interval=0)
+    async with await Outbox.open(db, config, clock=clock) as ob:
+        await ob.put(item(1))
+        clock.now = T0 + 50
+        await ob.put(item(2))
+        clock.now = T0 + 101
+        assert await all_ids(ob) == [mid(2)]  # over-age rows are not offered
+        # Full (2 rows): the put applies the policy and drops only the aged row.
+        assert await ob.put(item(3))
+        assert await all_ids(ob) == [mid(2), mid(3)]
+        stats = await ob.stats()
+        assert (stats.dropped_age, stats.dropped_expired, stats.rows) == (1, 0, 2)
+        assert stats.oldest_age_s == pytest.approx(51.0)
+    # The policy also runs at open.
+    clock.now = T0 + 1000
+    async with await Outbox.open(db, config, clock=clock) as ob:
+        stats = await ob.stats()
+        assert (stats.rows, stats.dropped_age, stats.oldest_age_s) == (0, 2, None)
+
+
+async def test_full_refuses_and_never_drops_acknowledged_rows(
+    db: Path, clock: FakeClock
+) -> None:
+    config = OutboxConfig(max_rows=3, commit_interval=0)
+    async with await Outbox.open(db, config, clock=clock) as ob:
+        for n in (1, 2, 3):
+            assert await ob.put(item(n, priority=Priority.TELEMETRY))
+        with pytest.raises(OutboxFullError) as refused:
+            await ob.put(item(4, priority=Priority.INTERACTIVE))
+        assert refused.value.msg_id == mid(4)
+        assert not refused.value.realtime
+        # A resend of a stored row is still recognised (and may be acknowledged).
+        assert await ob.put(item(2)) is False
+        with pytest.raises(OutboxFullError) as dropped:
+            await ob.put(item(5, realtime=True, expires_at=T0 + 10))
+        assert dropped.value.realtime
+        outcomes = await ob.put_many([item(6), item(1), item(7, realtime=True)])
+        assert outcomes == [
+            PutOutcome.REFUSED_FULL,
+            PutOutcome.DUPLICATE,
+            PutOutcome.DROPPED_REALTIME,
+        ]
+        assert await all_ids(ob) == [mid(1), mid(2), mid(3)]
+        stats = await ob.stats()
+        assert (stats.refused_full, stats.dropped_realtime_full) == (2, 2)
+        assert (stats.dropped_expired, stats.dropped_age, stats.rows) == (0, 0, 3)
+        # Room again after an ack.
+        assert await ob.ack([mid(1)]) == 1
+        assert await ob.put(item(4, priority=Priority.INTERACTIVE))
+
+
+async def test_full_drops_expired_realtime_rows_first(
+    db: Path, clock: FakeClock
+) -> None:
+    config = OutboxConfig(max_bytes=300, commit_interval=0)
+    async with await Outbox.open(db, config, clock=clock) as ob:
+        await ob.put(item(1, size=100, realtime=True, expires_at=T0 + 1))
+        await ob.put(item(2, size=100, realtime=True, expires_at=T0 + 60))
+        await ob.put(item(3, size=100))
+        with pytest.raises(OutboxFullError):
+            await ob.put(item(4, size=100))  # nothing has expired yet
+        clock.now = T0 + 2
+        assert await ob.put(item(4, size=100))
+        assert await all_ids(ob) == [mid(2), mid(3), mid(4)]
+        stats = await ob.stats()
+        assert (stats.rows, stats.total_bytes) == (3, 300)
+        assert (stats.dropped_expired, stats.refused_full) == (1, 1)
+        with pytest.raises(EnvelopeTooLargeError):
+            await ob.put(item(9, size=301))
+
+
+async def test_stats_snapshot(outbox: Outbox, clock: FakeClock) -> None:
+    empty = await outbox.stats()
+    assert (empty.rows, empty.total_bytes, empty.oldest_age_s) == (0, 0, None)
+    await outbox.put(item(1, size=7))
+    clock.now = T0 + 30
+    await outbox.put(item(2, size=5))
+    clock.now = T0 + 45
+    stats = await outbox.stats()
+    assert (stats.rows, stats.total_bytes, stats.stored) == (2, 12, 2)
+    assert stats.oldest_age_s == pytest.approx(45.0)
+    with pytest.raises(AttributeError):
+        stats.rows = 0  # type: ignore[misc]
+
+
+async def test_group_commit_shares_transactions(db: Path) -> None:
+    config = OutboxConfig(commit_interval=0.005, commit_max_batch=64)
+    async with await Outbox.open(db, config) as ob:
+        before = await ob.stats()
+        results = await asyncio.gather(*(ob.put(item(n)) for n in range(300)))
+        assert all(results)
+        after = await ob.stats()
+        commits = after.put_transactions - before.put_transactions
+        assert 300 // 64 < commits < 300 // 4, commits
+        assert after.transactions - before.transactions == commits
+        assert after.rows == 300
+        # put_many splits by commit_max_batch.
+        outcomes = await ob.put_many(item(n) for n in range(1000, 1200))
+        assert outcomes == [PutOutcome.STORED] * 200
+        final = await ob.stats()
+        assert final.put_transactions - after.put_transactions == 4  # 64+64+64+8
+
+
+async def test_wait_nonempty_and_wait_stored(outbox: Outbox) -> None:
+    waiter = asyncio.ensure_future(outbox.wait_nonempty())
+    gen = outbox.generation
+    stored = asyncio.ensure_future(outbox.wait_stored(gen))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    assert not stored.done()
+    await outbox.put(item(1))
+    async with asyncio.timeout(2):
+        await waiter
+        assert await stored == gen + 1
+    # A duplicate stores nothing: wait_stored keeps waiting.
+    again = asyncio.ensure_future(outbox.wait_stored(outbox.generation))
+    await outbox.put(item(1))
+    await asyncio.sleep(0)
+    assert not again.done()
+    await outbox.ack([mid(1)])
+    emptied = asyncio.ensure_future(outbox.wait_nonempty())
+    await asyncio.sleep(0)
+    assert not emptied.done()
+    await outbox.close()
+    async with asyncio.timeout(2):
+        for task in (again, emptied):
+            with pytest.raises(OutboxClosedError):
+                await task
+
+
+async def test_reopen_keeps_rows_and_order(db: Path, clock: FakeClock) -> None:
+    config = OutboxConfig(commit_interval=0, synchronous=Synchronous.FULL)
+    async with await Outbox.open(db, config, clock=clock) as ob:
+        await ob.put_many([item(1), item(2, priority=0), item(3)])
+        await ob.mark_attempt([mid(3)])
+    async with await Outbox.open(db, config, clock=clock) as ob:
+        async with asyncio.timeout(1):
+            await ob.wait_nonempty()
+        rows = await ob.next_batch(10, 10**6)
+        assert [r.msg_id for r in rows] == [mid(2), mid(1), mid(3)]
+        assert rows[2].attempts == 1
+        await ob.ack([mid(3)])
+        await ob.put(item(4))
+        assert await all_ids(ob) == [mid(2), mid(1), mid(4)]
+        stats = await ob.stats()
+        assert (stats.rows, stats.total_bytes) == (3, 30)
+
+
+async def test_file_mode_is_0600(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.sqlite3"
+    async with await Outbox.open(db) as ob:
+        await ob.put(item(1))
+        for path in (db, tmp_path / "outbox.sqlite3-wal"):
+            assert await asyncio.to_thread(file_mode, path) == 0o600, path
+    # A file created too open is tightened at open.
+    loose = tmp_path / "loose.sqlite3"
+    await asyncio.to_thread(make_loose_file, loose)
+    assert await asyncio.to_thread(file_mode, loose) == 0o644
+    async with await Outbox.open(loose):
+        assert await asyncio.to_thread(file_mode, loose) == 0o600
+
+
+async def test_open_needs_existing_directory(tmp_path: Path) -> None:
+    with pytest.raises(OutboxStorageError) as raised:
+        await Outbox.open(tmp_path / "missing" / "outbox.sqlite3")
+    assert isinstance(raised.value.__cause__, FileNotFoundError)
+
+
+async def test_close_is_clean_and_idempotent(db: Path) -> None:
+    ob = await Outbox.open(db)
+    pending = [asyncio.ensure_future(ob.put(item(n))) for n in range(5)]
+    await asyncio.sleep(0)
+    await ob.close()
+    assert all(task.result() for task in pending)  # queued puts finished first
+    await ob.close()
+    with pytest.raises(OutboxClosedError):
+        await ob.put(item(9))
+    with pytest.raises(OutboxClosedError):
+        await ob.stats()
+    # The WAL was checkpointed and removed by the last connection.
+    assert await asyncio.to_thread(file_mode, db.with_name(db.name + "-wal")) is None
+    async with await Outbox.open(db) as again:
+        assert len(await all_ids(again)) == 5
+
+
+def test_item_validation() -> None:
+    with pytest.raises(ValueError, match="16 bytes"):
+        OutboxItem(b"short", b"x", "t")
+    with pytest.raises(ValueError, match="priority"):
+        OutboxItem(mid(1), b"x", "t", priority=256)
+    with pytest.raises(ValueError, match="real-time"):
+        OutboxItem(mid(1), b"x", "t", expires_at=T0)
+    assert "secret" not in repr(OutboxItem(mid(1), b"secret", "t"))
+    with pytest.raises(ValueError, match="max_age_s"):
+        OutboxConfig(max_age_s=0)
+    with pytest.raises(ValueError, match="max_rows"):
+        OutboxConfig(max_rows=0)
+    with pytest.raises(ValueError, match="OFF"):
+        OutboxConfig(synchronous="OFF")  # type: ignore[arg-type]
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys
+    from relay.outbox import Outbox, OutboxConfig, OutboxItem
+
+    async def producer(ob, start, step):
+        for n in range(start, 10**6, step):
+            await ob.put(OutboxItem(n.to_bytes(16, "big"), b"e" * 200, "t"))
+            sys.stdout.write(f"{n}\\n")
+            sys.stdout.flush()
+
+    async def main():
+        ob = await Outbox.open(sys.argv[1], OutboxConfig())
+        await asyncio.gather(*(producer(ob, i, 16) for i in range(16)))
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_crash_recovery_after_sigkill(db: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CRASH_SCRIPT,
+        str(db),
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    assert proc.stdout is not None
+    printed: list[int] = []
+    try:
+        async with asyncio.timeout(10):
+            while len(printed) < 500:
+                line = await proc.stdout.readline()
+                assert line, "producer exited early"
+                printed.append(int(line))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        rest = await proc.stdout.read()
+        await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    printed.extend(int(line) for line in rest.split())
+    async with await Outbox.open(db) as ob:
+        present = set(await all_ids(ob))
+    missing = [n for n in printed if mid(n) not in present]
+    assert not missing, f"{len(missing)} acknowledged rows lost"
+    assert len(present) >= len(printed)
+
+
+async def test_open_cancelled_midway_stops_the_worker(db: Path) -> None:
+    task = asyncio.ensure_future(Outbox.open(db))
+    await asyncio.sleep(0)
+    task.cancel()
+    async with asyncio.timeout(5):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    async with await Outbox.open(db) as ob:  # the file is usable afterwards
+        assert await ob.put(item(1))
