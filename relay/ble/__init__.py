@@ -1,0 +1,1 @@
+"""The BLE link to the glasses, through bleak only."""

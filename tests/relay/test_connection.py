@@ -1,0 +1,147 @@
+"""The session driver over an in-memory link: handshake, traffic, loss, silence."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+from protocol.bodies import Telemetry
+from protocol.constants import MessageFlags, MessageKind
+from protocol.errors import HandshakeError, LimitExceededError
+from protocol.message import Message
+from protocol.session import (
+    Delivery,
+    HandshakeCompleted,
+    Identity,
+    MessageReceived,
+    MessagesAcknowledged,
+    PeerPolicy,
+    Role,
+    Session,
+    SessionConfig,
+    SessionEvent,
+)
+from relay.ble.loopback import loopback_pair
+from relay.connection import SessionDriver
+from relay.errors import LinkError
+
+
+def identity() -> Identity:
+    key = X25519PrivateKey.generate()
+    return Identity(
+        key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+        key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+    )
+
+
+PHONE, GLASSES = identity(), identity()
+
+
+def sessions(
+    config: SessionConfig | None = None,
+    phone_delivery: Delivery | None = None,
+    glasses_delivery: Delivery | None = None,
+) -> tuple[Session, Session]:
+    phone = Session(
+        Role.PHONE,
+        PHONE,
+        PeerPolicy(pinned=frozenset({GLASSES.public})),
+        delivery=phone_delivery,
+        config=config,
+    )
+    glasses = Session(
+        Role.GLASSES,
+        GLASSES,
+        PeerPolicy(pinned=frozenset({PHONE.public})),
+        delivery=glasses_delivery,
+        config=config,
+    )
+    return phone, glasses
+
+
+def telemetry(i: int) -> Message:
+    return Message(
+        MessageKind.TELEMETRY,
+        os.urandom(16),
+        Telemetry(i % 100, False, i).encode(),
+        MessageFlags.RELIABLE,
+    )
+
+
+async def test_traffic_both_ways_over_drivers() -> None:
+    phone_link, glasses_link = loopback_pair(20)
+    phone_s, glasses_s = sessions()
+    phone_events: asyncio.Queue[SessionEvent] = asyncio.Queue()
+    glasses_events: asyncio.Queue[SessionEvent] = asyncio.Queue()
+    phone = SessionDriver(phone_s, phone_link, phone_events.put_nowait, name="phone")
+    glasses = SessionDriver(
+        glasses_s, glasses_link, glasses_events.put_nowait, name="glasses"
+    )
+    phone_s.initiate(phone.now())
+    tasks = [asyncio.create_task(phone.run()), asyncio.create_task(glasses.run())]
+    async with asyncio.timeout(10):
+        assert isinstance(await phone_events.get(), HandshakeCompleted)
+        assert isinstance(await glasses_events.get(), HandshakeCompleted)
+        sent = [telemetry(i) for i in range(500)]
+        for m in sent:
+            glasses.send(m)
+        got: list[Message] = []
+        while len(got) < len(sent):
+            event = await phone_events.get()
+            assert isinstance(event, MessageReceived)
+            got.append(event.message)
+            phone.acknowledge(event.message.message_id)
+        assert [m.message_id for m in got] == [m.message_id for m in sent]
+        acked = 0
+        while acked < len(sent):
+            event = await glasses_events.get()
+            if isinstance(event, MessagesAcknowledged):
+                acked += len(event.messages)
+        assert glasses_s.delivery.sender.stats.messages == 0
+    phone_link.cut()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, LinkError) for r in results)
+
+
+async def test_silent_peer_is_detected_by_supervision() -> None:
+    config = SessionConfig(heartbeat_interval=0.05, supervision_timeout=0.3)
+    phone_link, glasses_link = loopback_pair(244)
+    phone_s, glasses_s = sessions(config)
+    events: asyncio.Queue[SessionEvent] = asyncio.Queue()
+    phone = SessionDriver(phone_s, phone_link, events.put_nowait)
+    glasses = SessionDriver(glasses_s, glasses_link, lambda e: None)
+    phone_s.initiate(phone.now())
+    glasses_task = asyncio.create_task(glasses.run())
+    async with asyncio.timeout(5):
+        phone_task = asyncio.create_task(phone.run())
+        assert isinstance(await events.get(), HandshakeCompleted)
+        # The glasses' stack hangs: it stops reading and writing, link still up.
+        glasses_task.cancel()
+        with pytest.raises(LimitExceededError):
+            await phone_task
+
+
+async def test_handshake_with_unpinned_glasses_fails_both_ends() -> None:
+    phone_link, glasses_link = loopback_pair(244)
+    phone_s = Session(Role.PHONE, PHONE, PeerPolicy(pinned=frozenset({os.urandom(32)})))
+    glasses_s = Session(
+        Role.GLASSES, GLASSES, PeerPolicy(pinned=frozenset({PHONE.public}))
+    )
+    phone = SessionDriver(phone_s, phone_link, lambda e: None)
+    glasses = SessionDriver(glasses_s, glasses_link, lambda e: None)
+    phone_s.initiate(phone.now())
+    async with asyncio.timeout(5):
+        results = await asyncio.gather(
+            phone.run(), glasses.run(), return_exceptions=True
+        )
+    assert isinstance(results[0], HandshakeError)
+    assert isinstance(results[1], HandshakeError)
