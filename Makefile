@@ -50,9 +50,15 @@ pytest: $(VENV)/.installed-test system-tools
 
 test: lint typecheck pytest
 
+# 1,000,000 plain inputs through the frame and handshake receive paths, then
+# coverage-guided atheris on each target for FUZZ_SECONDS.
 fuzz: $(VENV)/.installed-test
 	$(BIN)/python -m pip install --quiet -e ".[fuzz]"
-	$(BIN)/python -m tools.fuzz --seconds $(FUZZ_SECONDS)
+	$(BIN)/python tests/fuzz/fuzz_transport.py --random 1000000
+	$(BIN)/python -m tools.fuzz --target session --plain 1000000
+	$(BIN)/python -m tools.fuzz --target protocol --seconds $(FUZZ_SECONDS)
+	$(BIN)/python -m tools.fuzz --target session --seconds $(FUZZ_SECONDS)
+	$(BIN)/python tests/fuzz/fuzz_transport.py -max_total_time=$(FUZZ_SECONDS)
 
 soak: $(VENV)/.installed-test system-tools
 	$(BIN)/python -m pytest -q -m soak $(SOAK_ARGS)

@@ -257,6 +257,11 @@ class Reassembler:
         self._recent: deque[int] = deque(maxlen=_HISTORY)
 
     @property
+    def expected_seq(self) -> int:
+        """The sequence number the next fragment should carry."""
+        return self._expected
+
+    @property
     def partial_records(self) -> int:
         """Records currently being reassembled."""
         return len(self._partials)

@@ -309,6 +309,11 @@ class Session:
         return self._delivery
 
     @property
+    def expected_fragment_seq(self) -> int:
+        """The sequence number the next incoming fragment should carry."""
+        return self._link_in.expected_seq
+
+    @property
     def queued_bytes(self) -> int:
         """Record bytes waiting for :meth:`pull_fragment`."""
         return self._link_out.pending_bytes

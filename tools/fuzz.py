@@ -19,13 +19,20 @@ import time
 from collections.abc import Callable, Iterator
 
 from protocol.bodies import decode_body
-from protocol.constants import Limits, MessageKind
+from protocol.constants import (
+    MAX_FRAGMENT_SIZE,
+    Channel,
+    Limits,
+    MessageKind,
+    RecordType,
+)
 from protocol.errors import RemoteProtocolError
 from protocol.link import FragmentHeader, Reassembler
 from protocol.message import MessageReader, decode_messages
-from protocol.record import Alert, Record
+from protocol.record import Alert, Record, RecordHeader
+from protocol.session import Identity, PeerPolicy, Role, Session
 
-__all__ = ["TARGETS", "mutations", "protocol_one_input"]
+__all__ = ["TARGETS", "SessionTarget", "mutations", "protocol_one_input"]
 
 _KINDS = tuple(MessageKind)
 _SMALL = Limits(max_record_size=4096, max_message_size=2048)
@@ -62,7 +69,94 @@ def protocol_one_input(data: bytes) -> None:
         pass
 
 
-TARGETS: dict[str, Callable[[bytes], None]] = {"protocol": protocol_one_input}
+class SessionTarget:
+    """Feeds inputs to the glasses' side of a session: fragments and handshakes.
+
+    The first byte of an input picks how the rest is used: as a raw GATT
+    value, or wrapped into a well-formed fragment carrying a HANDSHAKE record
+    (so the bytes reach the Noise reader), or as a genuine handshake message
+    with bytes flipped. A session that fails is replaced by a new one, so
+    every path is exercised again and again.
+    """
+
+    def __init__(self) -> None:
+        """Create the keys once; sessions are cheap enough to replace."""
+        from cryptography.hazmat.primitives.asymmetric.x25519 import (
+            X25519PrivateKey,
+        )
+        from cryptography.hazmat.primitives.serialization import (
+            Encoding,
+            NoEncryption,
+            PrivateFormat,
+            PublicFormat,
+        )
+
+        def identity() -> Identity:
+            key = X25519PrivateKey.generate()
+            return Identity(
+                key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+                key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+            )
+
+        self._glasses = identity()
+        self._phone = identity()
+        self._policy = PeerPolicy(pinned=frozenset({self._phone.public}))
+        phone = Session(
+            Role.PHONE,
+            self._phone,
+            PeerPolicy(pinned=frozenset({self._glasses.public})),
+        )
+        phone.initiate(0.0)
+        first = phone.pull_fragment(MAX_FRAGMENT_SIZE)
+        assert first is not None  # noqa: S101
+        self._msg1 = first
+        self._session = self._new()
+        self.failures = 0
+
+    def _new(self) -> Session:
+        return Session(Role.GLASSES, self._glasses, self._policy)
+
+    def __call__(self, data: bytes) -> None:
+        """Feed one input; only RemoteProtocolError is expected, and caught."""
+        mode, rest = (data[0] % 3, data[1:]) if data else (0, b"")
+        session = self._session
+        if mode == 0:
+            piece = rest[:MAX_FRAGMENT_SIZE]
+        elif mode == 1:
+            record = Record(RecordHeader(RecordType.HANDSHAKE, 0, 0), rest[:400])
+            seq = session.expected_fragment_seq
+            piece = FragmentHeader(True, True, Channel.CONTROL, seq).encode()
+            piece += record.encode()[: MAX_FRAGMENT_SIZE - 2]
+        else:
+            flipped = bytearray(self._msg1)
+            for i, b in enumerate(rest[:8]):
+                flipped[(b * 7 + i) % len(flipped)] ^= 1 << (i % 8)
+            piece = bytes(flipped)
+        try:
+            session.receive_fragment(piece, 0.0)
+            while session.pull_fragment(MAX_FRAGMENT_SIZE) is not None:
+                pass
+            session.events_received()
+        except RemoteProtocolError:
+            self.failures += 1
+            self._session = self._new()
+
+
+_SESSION_TARGET: SessionTarget | None = None
+
+
+def session_one_input(data: bytes) -> None:
+    """Atheris entry for the session target (one shared :class:`SessionTarget`)."""
+    global _SESSION_TARGET
+    if _SESSION_TARGET is None:
+        _SESSION_TARGET = SessionTarget()
+    _SESSION_TARGET(data)
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "protocol": protocol_one_input,
+    "session": session_one_input,
+}
 
 
 def mutations(seeds: list[bytes], count: int, rng: random.Random) -> Iterator[bytes]:
@@ -96,13 +190,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.fuzz")
     parser.add_argument("--target", choices=sorted(TARGETS), default="protocol")
     parser.add_argument("--seconds", type=int, default=600)
+    parser.add_argument(
+        "--plain",
+        type=int,
+        metavar="N",
+        help="run N seeded random and mutated inputs without atheris",
+    )
     args = parser.parse_args(argv)
+    target = TARGETS[args.target]
+    if args.plain is not None:
+        started = time.monotonic()
+        for data in mutations([], args.plain, random.Random(args.plain)):
+            target(data)
+        elapsed = time.monotonic() - started
+        sys.stderr.write(
+            f"{args.target}: {args.plain} inputs in {elapsed:.1f} s, "
+            "no unexpected exception\n"
+        )
+        return 0
     try:
         import atheris
     except ImportError:
         sys.stderr.write("atheris is not installed: pip install -e '.[fuzz]'\n")
         return 2
-    target = TARGETS[args.target]
     sys.stderr.write(f"fuzzing {args.target} for {args.seconds} s\n")
     started = time.monotonic()
     atheris.Setup(
