@@ -42,6 +42,7 @@ __all__ = [
     "Navigation",
     "Payment",
     "PhotoChunk",
+    "Presence",
     "Request",
     "RequestKind",
     "ResponseAudio",
@@ -744,6 +745,26 @@ class Mode:
         return v
 
 
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """The phone's presence towards the cloud: "online" or "offline" (last will)."""
+
+    state: str
+    t_us: int
+
+    def encode(self) -> bytes:
+        """Return the CBOR body."""
+        return _dumps({"s": self.state, "t": self.t_us})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Presence:
+        """Parse the CBOR body; raises ``MalformedError``."""
+        m = _Map(data, "presence")
+        v = cls(m.req_str("s"), m.req_int("t"))
+        m.done()
+        return v
+
+
 Body = (
     Ack
     | AudioChunk
@@ -760,6 +781,7 @@ Body = (
     | Navigation
     | Payment
     | PhotoChunk
+    | Presence
     | Request
     | ResponseAudio
     | ResponseText
@@ -775,6 +797,7 @@ _DECODERS: Final[Mapping[MessageKind, Callable[[bytes], Body]]] = {
     MessageKind.CANCEL: Cancel.decode,
     MessageKind.HEARTBEAT: Heartbeat.decode,
     MessageKind.MODE: Mode.decode,
+    MessageKind.PRESENCE: Presence.decode,
     MessageKind.REQUEST: Request.decode,
     MessageKind.AUDIO_CHUNK: AudioChunk.decode,
     MessageKind.PHOTO_CHUNK: PhotoChunk.decode,
@@ -798,6 +821,7 @@ _KINDS: Final[Mapping[type, MessageKind]] = {
     Cancel: MessageKind.CANCEL,
     Heartbeat: MessageKind.HEARTBEAT,
     Mode: MessageKind.MODE,
+    Presence: MessageKind.PRESENCE,
     Request: MessageKind.REQUEST,
     AudioChunk: MessageKind.AUDIO_CHUNK,
     PhotoChunk: MessageKind.PHOTO_CHUNK,

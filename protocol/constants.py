@@ -73,6 +73,7 @@ class MessageKind(enum.IntEnum):
     CANCEL = 0x05
     HEARTBEAT = 0x06
     MODE = 0x07
+    PRESENCE = 0x08
     REQUEST = 0x10
     AUDIO_CHUNK = 0x11
     PHOTO_CHUNK = 0x12

@@ -31,6 +31,7 @@ from protocol.bodies import (
     Navigation,
     Payment,
     PhotoChunk,
+    Presence,
     Request,
     RequestKind,
     ResponseAudio,
@@ -65,6 +66,7 @@ BODIES: list[tuple[str, Body, MessageFlags]] = [
     ("clock_sync_reply", ClockSync(1_000_000, 5_000_250, 5_000_300), MessageFlags.NONE),
     ("cancel", Cancel("user tapped"), MessageFlags.RELIABLE),
     ("heartbeat", Heartbeat(123_456_789), MessageFlags.NONE),
+    ("presence", Presence("offline", 123), MessageFlags.NONE),
     (
         "mode",
         Mode("wake_word", "glance", ("telemetry", "events")),
