@@ -38,8 +38,10 @@ from relay.errors import LinkError, LinkTimeoutError
 
 __all__ = ["BackendSpec", "BleLink", "LinkConfig", "LinkStats", "find_glasses"]
 
-_LOGGER: Final = logging.getLogger(__name__)
+ATT_MAX_VALUE: Final = 512
+"""Largest attribute value (Core spec Vol 3, Part F, 3.2.9)."""
 
+_LOGGER: Final = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +267,8 @@ class BleLink:
         """Largest GATT value this link takes: the RX characteristic's limit."""
         if self._rx is None:
             raise LinkError("link not started")
-        return min(514, self._rx.max_write_without_response_size)
+        # ATT values are capped at 512 octets even when the MTU allows 514.
+        return min(ATT_MAX_VALUE, self._rx.max_write_without_response_size)
 
     @property
     def is_connected(self) -> bool:
