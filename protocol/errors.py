@@ -15,6 +15,7 @@ Every decoder in :mod:`protocol`, given any bytes, returns a value or raises
         ├── ReassemblyError       fragments that cannot form a record
         ├── LimitExceededError    a named receive limit was reached
         ├── HandshakeError        a key exchange failed
+        │   └── PeerNotPinnedError   the peer's static key is not the pinned one
         ├── AuthenticationError   an AEAD tag or signature did not verify
         └── ReplayError           a counter or message id seen before
 
@@ -31,6 +32,7 @@ __all__ = [
     "LocalProtocolError",
     "MalformedError",
     "MessageTooLargeError",
+    "PeerNotPinnedError",
     "ProtocolError",
     "ReassemblyError",
     "RemoteProtocolError",
@@ -97,6 +99,10 @@ class LimitExceededError(RemoteProtocolError):
 
 class HandshakeError(RemoteProtocolError):
     """A key exchange failed (bad message, low-order key, pin mismatch)."""
+
+
+class PeerNotPinnedError(HandshakeError):
+    """The peer proved a static key that is not pinned (or not the expected one)."""
 
 
 class AuthenticationError(RemoteProtocolError):

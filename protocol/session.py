@@ -45,6 +45,7 @@ from protocol.errors import (
     HandshakeError,
     LimitExceededError,
     LocalProtocolError,
+    PeerNotPinnedError,
     RemoteProtocolError,
     UnsupportedVersionError,
 )
@@ -438,9 +439,11 @@ class Session:
         policy = self._policy
         if policy.pairing:
             if policy.expected_peer is not None and remote != policy.expected_peer:
-                raise self._fail(HandshakeError("pairing peer is not the expected one"))
+                raise self._fail(
+                    PeerNotPinnedError("pairing peer is not the expected one")
+                )
         elif remote not in policy.pinned:
-            raise self._fail(HandshakeError("peer static key is not pinned"))
+            raise self._fail(PeerNotPinnedError("peer static key is not pinned"))
         self._peer_static = remote
 
     def _write_handshake(self) -> None:
@@ -466,6 +469,9 @@ class Session:
         )
         self._handshake = None
         self._state = SessionState.ESTABLISHED
+        # Messages handed to the application on an earlier link and never
+        # acknowledged come again now; the application sees them again.
+        self._delivery.in_progress.clear()
         if self.role is Role.GLASSES:
             # Key confirmation: the phone learns the PSK matched (pairing)
             # from the first record that opens.

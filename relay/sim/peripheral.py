@@ -415,6 +415,14 @@ class GlassesPeripheral:
         """Return the next value the phone wrote to RX (in arrival order)."""
         return await self._rx_queue.get()
 
+    def discard_received(self) -> int:
+        """Drop RX writes still queued (from a link that is gone); return how many."""
+        dropped = 0
+        while not self._rx_queue.empty():
+            self._rx_queue.get_nowait()
+            dropped += 1
+        return dropped
+
     async def received(self) -> AsyncIterator[bytes]:
         """Yield the phone's RX writes forever, in arrival order."""
         while True:
