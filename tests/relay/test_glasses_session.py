@@ -38,7 +38,7 @@ async def test_first_connection_pairs_through_the_state_dir_then_traffic_flows(
                 assert identity.pinned_glasses() == {bed.app.identity.public}
                 assert bed.app.paired_phone == identity.static.public
                 assert not (state / "phone" / "pairing.txt").exists()
-                kinds = []
+                kinds: list[MessageKind] = []
                 while MessageKind.REQUEST not in kinds or len(kinds) < 5:
                     event = await events.get()
                     if isinstance(event, MessageReceived):
@@ -51,7 +51,9 @@ async def test_first_connection_pairs_through_the_state_dir_then_traffic_flows(
             await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_reconnect_uses_the_pins_and_resends_unacknowledged(tmp_path: Path) -> None:
+async def test_reconnect_uses_the_pins_and_resends_unacknowledged(
+    tmp_path: Path,
+) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     identity = PhoneIdentity(state)
