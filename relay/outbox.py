@@ -643,6 +643,37 @@ class _Store:
             self.state.acked += deleted
         return deleted
 
+    def rows_with_topic(self, topic: str, limit: int) -> list[tuple[bytes, bytes]]:
+        cursor = self.conn.execute(
+            "SELECT msg_id, envelope FROM outbox WHERE topic = ? "
+            "ORDER BY rowid LIMIT ?",
+            (topic, limit),
+        )
+        try:
+            return [(bytes(a), bytes(b)) for a, b in cursor.fetchall()]
+        finally:
+            cursor.close()
+
+    def replace_envelopes(
+        self, old_topic: str, rows: Sequence[tuple[bytes, bytes, str]]
+    ) -> int:
+        updated = 0
+        with self._transaction() as conn:
+            for msg_id, envelope, topic in rows:
+                cursor = conn.execute(
+                    "UPDATE outbox SET envelope = ?, topic = ?, size = ? "
+                    "WHERE msg_id = ? AND topic = ? RETURNING size",
+                    (envelope, topic, len(envelope), msg_id, old_topic),
+                )
+                updated += len(cursor.fetchall())
+                cursor.close()
+        # Sizes changed: recount the bytes held.
+        (total,) = self.conn.execute(
+            "SELECT coalesce(sum(size), 0) FROM outbox"
+        ).fetchone()
+        self.state.total_bytes = int(total)
+        return updated
+
     def mark_attempt(self, ids: Sequence[bytes]) -> int:
         updated = 0
         with self._transaction() as conn:
@@ -906,6 +937,34 @@ class Outbox:
         if not unique:
             return 0
         return await self._call(lambda store: store.ack(unique))
+
+    async def rows_with_topic(
+        self, topic: str, limit: int = 500
+    ) -> list[tuple[bytes, bytes]]:
+        """Return ``(msg_id, envelope)`` of up to ``limit`` rows stored under ``topic``.
+
+        Raises:
+            OutboxClosedError: The outbox is closed.
+        """
+        return await self._call(lambda store: store.rows_with_topic(topic, limit))
+
+    async def replace_envelopes(
+        self, old_topic: str, rows: Sequence[tuple[bytes, bytes, str]]
+    ) -> int:
+        """Replace the stored bytes of rows still under ``old_topic``, in one commit.
+
+        For rows stored before they could be sealed (the gateway's key was not
+        known yet): each ``(msg_id, envelope, topic)`` replaces the row's bytes
+        and topic once; from then on the row resends identical bytes.
+
+        Returns:
+            How many rows were replaced.
+
+        Raises:
+            OutboxClosedError: The outbox is closed.
+            OutboxStorageError: SQLite failed; nothing was replaced.
+        """
+        return await self._call(lambda store: store.replace_envelopes(old_topic, rows))
 
     async def mark_attempt(self, ids: Iterable[bytes]) -> int:
         """Count one more send attempt for each row; call it when sending them.

@@ -1,0 +1,367 @@
+"""The phone's side of the cloud path: outbox in, uplink out, signed acks back.
+
+- :meth:`CloudLink.put` seals a message into an uplink envelope (or, while no
+  gateway key is known yet, keeps it in the outbox under :data:`UNSEALED`
+  until the key arrives and it is sealed once) and stores it durably; only
+  then may the caller acknowledge the message to the glasses.
+- The pump sends outbox rows in priority order, several envelopes per
+  payload, within a send window; a row leaves the outbox only when a signed
+  acknowledgement from the gateway names it. Rows not acknowledged are resent
+  on a backed-off timer, and all of them, in order, after every reconnect.
+- Downlink payloads are verified: signed acks delete outbox rows; downlink
+  envelopes (answers) go to ``on_downlink``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from protocol.cloud import Channels, decode_batch, encode_batch
+from protocol.envelope import (
+    EnvelopeHeader,
+    EnvelopeKind,
+    GatewayPublicKeys,
+    open_downlink,
+    seal_uplink,
+    verify_ack,
+)
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.message import Message, decode_messages
+from relay.errors import UplinkError
+from relay.identity import GatewayKey, PhoneIdentity
+from relay.outbox import Outbox, OutboxItem, PutOutcome
+from relay.uplink.base import Uplink, UplinkState
+
+__all__ = ["UNSEALED", "CloudConfig", "CloudLink", "CloudStats"]
+
+_LOGGER: Final = logging.getLogger(__name__)
+
+UNSEALED: Final = "unsealed"
+"""Outbox topic of rows waiting for the gateway's key to be sealed."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloudConfig:
+    """Send window and timers of the cloud path (named limits, with defaults).
+
+    Attributes:
+        max_in_flight: Envelopes sent and not yet acknowledged. Policy when
+            reached: the pump waits for acknowledgements.
+        batch_items: Envelopes packed into one payload (1 = no batching).
+        batch_bytes: Bytes packed into one payload.
+        resend_after: Seconds before an unacknowledged envelope is resent;
+            doubles with each attempt up to ``resend_cap``.
+        resend_cap: Longest resend delay.
+        key_poll: Seconds between looks for the gateway's key while unknown.
+    """
+
+    max_in_flight: int = 512
+    batch_items: int = 64
+    batch_bytes: int = 64 * 1024
+    resend_after: float = 3.0
+    resend_cap: float = 60.0
+    key_poll: float = 0.5
+
+
+@dataclass(slots=True)
+class CloudStats:
+    """Counters of the cloud path."""
+
+    sealed: int = 0
+    stored_unsealed: int = 0
+    payloads: int = 0
+    envelopes_sent: int = 0
+    resent: int = 0
+    acked: int = 0
+    downlink: int = 0
+    bad_downlink: dict[str, int] = field(default_factory=dict)
+
+
+class CloudLink:
+    """Outbox, uplink and the signed-ack loop; run :meth:`run` in a task."""
+
+    def __init__(
+        self,
+        identity: PhoneIdentity,
+        outbox: Outbox,
+        make_uplink: Callable[[GatewayKey, Channels], Uplink] | None,
+        on_downlink: Callable[[Message], None],
+        *,
+        config: CloudConfig | None = None,
+        gateway_key_file: Path | None = None,
+        on_acked: Callable[[list[bytes]], None] | None = None,
+    ) -> None:
+        """Prepare; ``make_uplink`` is None when no uplink is configured."""
+        self.identity = identity
+        self.outbox = outbox
+        self.channels = Channels.for_device(identity.device_id)
+        self.config = config or CloudConfig()
+        self.stats = CloudStats()
+        self.uplink: Uplink | None = None
+        self.gateway: GatewayKey | None = None
+        self._make_uplink = make_uplink
+        self._on_downlink = on_downlink
+        self._on_acked = on_acked
+        self._key_file = gateway_key_file
+        self._in_flight: dict[bytes, float] = {}
+        self._wake = asyncio.Event()
+        self._rng = random.Random()
+        self.gateway = identity.gateway_key(gateway_key_file)
+
+    @property
+    def configured(self) -> bool:
+        """Whether an uplink is configured at all."""
+        return self._make_uplink is not None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the uplink is connected now."""
+        return self.uplink is not None and self.uplink.state is UplinkState.CONNECTED
+
+    @property
+    def in_flight(self) -> int:
+        """Envelopes sent and awaiting the gateway's signed ack."""
+        return len(self._in_flight)
+
+    def _gateway_keys(self) -> dict[int, GatewayPublicKeys]:
+        assert self.gateway is not None  # noqa: S101
+        return {self.gateway.kid: self.gateway.keys}
+
+    def _seal(self, message: bytes, topic: str) -> bytes:
+        assert self.gateway is not None  # noqa: S101
+        self.stats.sealed += 1
+        return seal_uplink(
+            message,
+            topic=topic,
+            device_id=self.identity.device_id,
+            kid=self.gateway.kid,
+            gateway=self.gateway.keys,
+            device=self.identity.device_keys,
+        )
+
+    async def put(
+        self,
+        message: Message,
+        priority: int,
+        *,
+        realtime: bool = False,
+        expires_at: float | None = None,
+    ) -> PutOutcome:
+        """Seal and store ``message`` durably; acknowledge it to the glasses after.
+
+        Returns:
+            The outcome: STORED or DUPLICATE mean durable (acknowledge it);
+            REFUSED_FULL means not stored (do not acknowledge: backpressure).
+        """
+        encoded = message.encode()
+        if self.gateway is None:
+            item = OutboxItem(
+                message.message_id, encoded, UNSEALED, priority, realtime, expires_at
+            )
+            self.stats.stored_unsealed += 1
+        else:
+            envelope = self._seal(encoded, self.channels.up)
+            item = OutboxItem(
+                message.message_id,
+                envelope,
+                self.channels.up,
+                priority,
+                realtime,
+                expires_at,
+            )
+        (outcome,) = await self.outbox.put_many([item])
+        if outcome is PutOutcome.STORED:
+            self._wake.set()
+        return outcome
+
+    def seal_presence(self, message: Message) -> bytes:
+        """A PRESENCE message sealed for the presence channel (the MQTT will).
+
+        Raises:
+            LocalProtocolError: no gateway key is known yet.
+        """
+        if self.gateway is None:
+            raise LocalProtocolError("no gateway key to seal to")
+        return encode_batch([self._seal(message.encode(), self.channels.presence)])
+
+    async def send_direct(self, message: Message) -> bool:
+        """Send a message sealed but not stored (the phone's ACKs of answers).
+
+        Returns:
+            Whether the transport accepted it; if not, the gateway resends and
+            the phone acknowledges again, so nothing is lost.
+        """
+        uplink = self.uplink
+        if uplink is None or self.gateway is None or not self.connected:
+            return False
+        envelope = self._seal(message.encode(), self.channels.up)
+        try:
+            await uplink.send([("up", encode_batch([envelope]))])
+        except UplinkError:
+            return False
+        return True
+
+    # -- running -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Wait for the gateway key, then run the uplink, pump and downlink."""
+        while self.gateway is None:
+            self.gateway = self.identity.gateway_key(self._key_file)
+            if self.gateway is None:
+                await asyncio.sleep(self.config.key_poll)
+        _LOGGER.info("gateway key %d known; sealing queued messages", self.gateway.kid)
+        await self._seal_waiting()
+        if self._make_uplink is None:
+            return
+        self.uplink = self._make_uplink(self.gateway, self.channels)
+        async with self.uplink, asyncio.TaskGroup() as group:
+            group.create_task(self._pump(), name="uplink pump")
+            group.create_task(self._downlink(), name="uplink downlink")
+
+    async def _seal_waiting(self) -> None:
+        while rows := await self.outbox.rows_with_topic(UNSEALED):
+            sealed = [
+                (mid, self._seal(raw, self.channels.up), self.channels.up)
+                for mid, raw in rows
+            ]
+            await self.outbox.replace_envelopes(UNSEALED, sealed)
+
+    def _resend_delay(self, attempts: int) -> float:
+        factor = 2.0 ** min(16, max(0, attempts - 1))
+        return min(self.config.resend_cap, self.config.resend_after * factor)
+
+    async def _pump(self) -> None:
+        assert self.uplink is not None  # noqa: S101
+        uplink = self.uplink
+        config = self.config
+        reconnects = -1
+        while True:
+            await uplink.wait_connected()
+            stats = uplink.stats()
+            if stats.reconnects != reconnects:
+                # A new connection: everything unacknowledged goes again, in order.
+                reconnects = stats.reconnects
+                self._in_flight.clear()
+            now = time.monotonic()
+            room = config.max_in_flight - len(self._in_flight)
+            generation = self.outbox.generation
+            rows = []
+            if room > 0:
+                rows = await self.outbox.next_batch(
+                    min(room, config.batch_items * 4),
+                    config.batch_bytes * 4,
+                    exclude=frozenset(self._in_flight),
+                )
+            rows = [r for r in rows if r.topic != UNSEALED]
+            if not rows:
+                await self._idle(generation)
+                continue
+            batches: list[list[bytes]] = [[]]
+            size = 0
+            for row in rows:
+                if batches[-1] and (
+                    len(batches[-1]) >= config.batch_items
+                    or size + row.size > config.batch_bytes
+                ):
+                    batches.append([])
+                    size = 0
+                batches[-1].append(row.envelope)
+                size += row.size
+            try:
+                await uplink.send([("up", encode_batch(b)) for b in batches])
+            except UplinkError as exc:
+                _LOGGER.info("uplink send failed (%s); will resend", exc)
+                continue
+            for row in rows:
+                if row.attempts:
+                    self.stats.resent += 1
+                self._in_flight[row.msg_id] = now + self._resend_delay(row.attempts + 1)
+            self.stats.payloads += len(batches)
+            self.stats.envelopes_sent += len(rows)
+            await self.outbox.mark_attempt([r.msg_id for r in rows])
+
+    async def _idle(self, generation: int) -> None:
+        """Wait for new rows, an ack, or the next resend time."""
+        now = time.monotonic()
+        due = min(self._in_flight.values(), default=now + 1.0)
+        for mid, when in list(self._in_flight.items()):
+            if when <= now:
+                del self._in_flight[mid]  # resend it
+        if any(when <= now for when in self._in_flight.values()):
+            return
+        self._wake.clear()
+        stored = asyncio.ensure_future(self.outbox.wait_stored(generation))
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait(
+                {stored, woken},
+                timeout=max(0.05, min(1.0, due - now)),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for task in (stored, woken):
+                task.cancel()
+            await asyncio.gather(stored, woken, return_exceptions=True)
+
+    async def _downlink(self) -> None:
+        assert self.uplink is not None  # noqa: S101
+        async for payload in self.uplink.incoming():
+            try:
+                items = decode_batch(payload)
+            except RemoteProtocolError:
+                self._bad("malformed_batch")
+                continue
+            acked: list[bytes] = []
+            for item in items:
+                try:
+                    header = EnvelopeHeader.decode(item)
+                    if header.kind is EnvelopeKind.ACK:
+                        info = verify_ack(
+                            item,
+                            topic=self.channels.down,
+                            device_id=self.identity.device_id,
+                            gateway_keys=self._gateway_keys(),
+                        )
+                        acked.extend(info.message_ids)
+                        continue
+                    plaintext = open_downlink(
+                        item,
+                        topic=self.channels.down,
+                        device_id=self.identity.device_id,
+                        gateway_keys=self._gateway_keys(),
+                        device=self.identity.device_keys,
+                    )
+                    messages = decode_messages(plaintext)
+                except RemoteProtocolError as exc:
+                    self._bad(type(exc).__name__)
+                    continue
+                for message in messages:
+                    self.stats.downlink += 1
+                    self._on_downlink(message)
+            if acked:
+                for mid in acked:
+                    self._in_flight.pop(mid, None)
+                self.stats.acked += await self.outbox.ack(acked)
+                self._wake.set()
+                if self._on_acked is not None:
+                    self._on_acked(acked)
+
+    def _bad(self, reason: str) -> None:
+        count = self.stats.bad_downlink.get(reason, 0) + 1
+        self.stats.bad_downlink[reason] = count
+        if count == 1 or count % 100 == 0:
+            _LOGGER.warning("dropped downlink payloads (%s): %d so far", reason, count)
+
+    async def aclose(self) -> None:
+        """Close the uplink if one is open."""
+        if self.uplink is not None:
+            with contextlib.suppress(UplinkError):
+                await self.uplink.aclose()

@@ -1,0 +1,1 @@
+"""Phone-side skills: what the phone answers on its own."""

@@ -1,0 +1,1 @@
+"""Per-request routing: the pure decision (:mod:`relay.router.decide`)."""
