@@ -223,6 +223,7 @@ class GlassesApp:
         self.delivery = Delivery()
         self.stats = GlassesStats()
         self._driver: SessionDriver | None = None
+        self.current_link: PeripheralLink | None = None
         self._started = time.monotonic()
         self._used_pairings: set[bytes] = set()
         self._request_id = random.Random(config.seed).randrange(1, 1 << 20)
@@ -321,6 +322,7 @@ class GlassesApp:
                 Role.GLASSES, self.identity, policy, delivery=self.delivery
             )
             link = PeripheralLink(peripheral, self.config.faults)
+            self.current_link = link
             driver = SessionDriver(session, link, self._on_event, name="glasses")
             self._driver = driver
             stall = None
