@@ -85,6 +85,10 @@ class ReliableSender:
                 done.append(message)
         return done
 
+    def message(self, message_id: bytes) -> Message | None:
+        """The pending message with ``message_id``, if any."""
+        return self._pending.get(message_id)
+
     def is_pending(self, message_id: bytes) -> bool:
         """Whether ``message_id`` awaits acknowledgement."""
         return message_id in self._pending

@@ -66,6 +66,7 @@ __all__ = [
     "MessageReceived",
     "MessagesAcknowledged",
     "PeerPolicy",
+    "RekeyDue",
     "Role",
     "Session",
     "SessionConfig",
@@ -146,6 +147,9 @@ class SessionConfig:
         supervision_timeout: Seconds of receive silence after which the
             link is declared dead (the session fails).
         max_record_plaintext: Bytes of messages packed into one record.
+        resend_after: Seconds a reliable message may stay unacknowledged on a
+            live link before it is sent again (a record lost to tampering or a
+            full receive queue); a new link resends everything at once.
     """
 
     limits: Limits = DEFAULT_LIMITS
@@ -158,6 +162,7 @@ class SessionConfig:
     heartbeat_interval: float = 2.0
     supervision_timeout: float = 8.0
     max_record_plaintext: int = 4096
+    resend_after: float = 5.0
 
     def __post_init__(self) -> None:
         """Reject values that cannot work together."""
@@ -212,7 +217,18 @@ class MessagesAcknowledged:
     messages: tuple[Message, ...]
 
 
-SessionEvent = HandshakeCompleted | MessageReceived | MessagesAcknowledged
+@dataclass(frozen=True, slots=True)
+class RekeyDue:
+    """The session's keys reached a rekey limit: connect again for a new handshake.
+
+    Reported once, by the phone (the initiator). The keys keep working until
+    their hard limits, so nothing is lost while the link is renewed.
+    """
+
+    session_id: int
+
+
+SessionEvent = HandshakeCompleted | MessageReceived | MessagesAcknowledged | RekeyDue
 
 _CHANNEL_OF: Final[Mapping[MessageKind, Channel]] = {
     MessageKind.ACK: Channel.CONTROL,
@@ -283,6 +299,9 @@ class Session:
         self._last_received = 0.0
         self._peer_static: bytes | None = None
         self._confirmed = False
+        self._rekey_reported = False
+        self._now = 0.0
+        self._sent_at: dict[bytes, float] = {}
         self._pending: list[tuple[Channel, Message]] = []
         self.link_drops: dict[str, int] = {}
         self.duplicates = 0
@@ -355,6 +374,7 @@ class Session:
                 return
             self._start(now)
         self._last_received = now
+        self._now = now
         try:
             events = self._link_in.feed(data, now)
         except RemoteProtocolError:
@@ -597,10 +617,13 @@ class Session:
         if self._state is not SessionState.ESTABLISHED:
             self._pending.append((channel, message))
             return
+        self._now = now
         self._send_now(message, channel)
         self._last_sent = now
 
     def _send_now(self, message: Message, channel: Channel) -> None:
+        if message.flags & MessageFlags.RELIABLE:
+            self._sent_at[message.message_id] = self._now
         self._send_batch([message], channel)
 
     def _send_batch(self, messages: list[Message], channel: Channel) -> None:
@@ -631,6 +654,7 @@ class Session:
         """
         if self._state in (SessionState.FAILED, SessionState.CLOSED, SessionState.IDLE):
             return
+        self._now = now
         for event in self._link_in.expire(now):
             if isinstance(event, RecordDropped):
                 self._count(f"record_{event.reason}")
@@ -649,6 +673,30 @@ class Session:
         if now - self._last_sent >= self._config.heartbeat_interval:
             self._send_now(self._heartbeat(now), Channel.CONTROL)
             self._last_sent = now
+        self._resend_overdue(now)
+        transport = self._transport
+        if (
+            self.role is Role.PHONE
+            and not self._rekey_reported
+            and transport is not None
+            and transport.needs_rekey(now)
+        ):
+            self._rekey_reported = True
+            self._events.append(RekeyDue(transport.session_id))
+
+    def _resend_overdue(self, now: float) -> None:
+        sender = self._delivery.sender
+        after = self._config.resend_after
+        for mid, sent in list(self._sent_at.items()):
+            if not sender.is_pending(mid):
+                del self._sent_at[mid]
+            elif now - sent >= after:
+                message = sender.message(mid)
+                if message is not None:
+                    self._send_now(
+                        message.with_flags(MessageFlags.RETRANSMIT),
+                        channel_for(message.kind),
+                    )
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` should next run, or ``None``."""
@@ -662,6 +710,13 @@ class Session:
         ]
         if self._deadline is not None:
             times.append(self._deadline)
+        transport = self._transport
+        if (
+            self.role is Role.PHONE
+            and transport is not None
+            and not self._rekey_reported
+        ):
+            times.append(transport.started_at + transport.limits.rekey_after_time)
         expiry = self._link_in.get_timer()
         if expiry is not None:
             times.append(expiry)

@@ -25,6 +25,9 @@ __all__ = ["FragmentLink", "SessionDriver"]
 
 _LOGGER: Final = logging.getLogger(__name__)
 
+DROP_LOG_INTERVAL: Final = 10.0
+"""Seconds between log lines about dropped records (rate limit)."""
+
 
 class FragmentLink(Protocol):
     """What the driver needs from a link: whole GATT values in and out."""
@@ -68,6 +71,8 @@ class SessionDriver:
         self._timer_at: float | None = None
         self._failure: BaseException | None = None
         self._failed = asyncio.Event()
+        self._next_drop_log = 0.0
+        self._logged_drops: dict[str, int] = {}
 
     def now(self) -> float:
         """The driver's clock (the loop's monotonic time)."""
@@ -92,6 +97,23 @@ class SessionDriver:
             self._on_event(event)
         self._kick.set()
         self._rearm()
+        now = self._loop.time()
+        if now >= self._next_drop_log:
+            self._log_drops(now)
+
+    def _log_drops(self, now: float) -> None:
+        """One line per drop reason per ``DROP_LOG_INTERVAL``, with counts, no bytes."""
+        self._next_drop_log = now + DROP_LOG_INTERVAL
+        counts = dict(self.session.link_drops)
+        transport = self.session.transport
+        if transport is not None:
+            counts.update({str(k): v for k, v in transport.drops.items() if v})
+        for reason, count in counts.items():
+            if count != self._logged_drops.get(reason, 0):
+                _LOGGER.warning(
+                    "%s: dropped %d record(s) so far: %s", self._name, count, reason
+                )
+        self._logged_drops = counts
 
     def _rearm(self) -> None:
         when = self.session.get_timer()

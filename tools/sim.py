@@ -85,8 +85,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="append",
         default=[],
         metavar="KIND:ARG",
-        help="inject a fault: disconnect:SECONDS, reset:SECONDS, corrupt:FRACTION, "
-        "stall:SECONDS, slow-reader:MS (repeatable)",
+        help="inject a fault: disconnect:SECONDS, reset:SECONDS, stall:SECONDS, "
+        "slow-reader:MS, or corrupt|replay|truncate|reorder:FRACTION (repeatable)",
     )
     parser.add_argument(
         "--snoop", type=Path, help="write a btsnoop capture of the glasses"

@@ -34,6 +34,7 @@ from protocol.session import (
     HandshakeCompleted,
     MessageReceived,
     PeerPolicy,
+    RekeyDue,
     Role,
     Session,
     SessionConfig,
@@ -121,6 +122,8 @@ class LinkManager:
         self.pin_mismatches = 0
         self.last_error: str | None = None
         self._rng = random.Random()
+        self._rekeys = 0
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def session(self) -> Session | None:
@@ -179,6 +182,17 @@ class LinkManager:
                 self.identity.end_pairing()
                 _LOGGER.info("paired with glasses %s", glasses_id)
             self._after_handshake()
+        elif isinstance(event, RekeyDue):
+            _LOGGER.info(
+                "session keys due for renewal: reconnecting for a new handshake"
+            )
+            self._rekeys += 1
+            link = self.link
+            if link is not None:
+                task = asyncio.get_running_loop().create_task(link.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+            return
         elif isinstance(event, MessageReceived) and (
             event.message.kind is MessageKind.CLOCK_SYNC
         ):

@@ -85,6 +85,12 @@ class FaultKind(enum.StrEnum):
     """Stop writing for ARG seconds every 10 s (the link stays up)."""
     SLOW_READER = "slow-reader"
     """Take ARG milliseconds to process each incoming fragment."""
+    REPLAY = "replay"
+    """Send an earlier fragment again, for a fraction ARG of fragments."""
+    TRUNCATE = "truncate"
+    """Cut a fraction ARG of outgoing fragments short."""
+    REORDER = "reorder"
+    """Swap a fraction ARG of outgoing fragments with the one after."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,12 +167,15 @@ class PeripheralLink:
     ) -> None:
         """Wrap the current connection of ``peripheral``."""
         self._p = peripheral
-        self._corrupt = next(
-            (f.arg for f in faults if f.kind is FaultKind.CORRUPT), 0.0
-        )
-        self._slow = next(
-            (f.arg / 1000 for f in faults if f.kind is FaultKind.SLOW_READER), 0.0
-        )
+        rates = {f.kind: f.arg for f in faults}
+        self._corrupt = rates.get(FaultKind.CORRUPT, 0.0)
+        self._replay = rates.get(FaultKind.REPLAY, 0.0)
+        self._truncate = rates.get(FaultKind.TRUNCATE, 0.0)
+        self._reorder = rates.get(FaultKind.REORDER, 0.0)
+        self._slow = rates.get(FaultKind.SLOW_READER, 0.0) / 1000
+        self._previous: bytes | None = None
+        self._held: bytes | None = None
+        self.tampered = 0
         self._rng = random.Random(0)
         self.stalled = asyncio.Event()
         self.stalled.set()
@@ -197,12 +206,29 @@ class PeripheralLink:
     async def write(self, fragment: bytes) -> None:
         """Notify one fragment (waits for credits, and while stalled)."""
         await self.stalled.wait()
-        if self._corrupt and self._rng.random() < self._corrupt:
+        rng = self._rng
+        out = [fragment]
+        if self._corrupt and rng.random() < self._corrupt:
             data = bytearray(fragment)
-            data[self._rng.randrange(len(data))] ^= 1 << self._rng.randrange(8)
-            fragment = bytes(data)
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            out = [bytes(data)]
+        elif self._truncate and rng.random() < self._truncate and len(fragment) > 1:
+            out = [fragment[: rng.randrange(1, len(fragment))]]
+        elif self._replay and self._previous and rng.random() < self._replay:
+            out = [fragment, self._previous]
+        elif self._reorder and self._held is None and rng.random() < self._reorder:
+            self._held = fragment
+            self.tampered += 1
+            return
+        if self._held is not None:
+            out.append(self._held)
+            self._held = None
+        if out != [fragment]:
+            self.tampered += 1
+        self._previous = fragment
         try:
-            await self._p.notify(fragment)
+            for piece in out:
+                await self._p.notify(piece)
         except GlassesNotConnectedError as exc:
             raise LinkError("glasses: link lost") from exc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 import time
 from pathlib import Path
@@ -178,6 +179,57 @@ async def test_a_silent_peer_is_detected_by_supervision(state: Path) -> None:
                     await asyncio.sleep(0.05)
                 assert "supervision" in (manager.last_error or "")
                 assert time.monotonic() - started < 5
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_tampered_link_loses_nothing_and_counts_drops(state: Path) -> None:
+    from protocol.bodies import Telemetry
+    from protocol.message import Message
+    from relay.sim.glasses import Fault
+
+    faults = tuple(
+        Fault.parse(f)
+        for f in ("corrupt:0.05", "replay:0.05", "truncate:0.05", "reorder:0.05")
+    )
+    events: asyncio.Queue[SessionEvent] = asyncio.Queue()
+    config = SessionConfig(resend_after=0.3)
+    app_config = GlassesAppConfig(scenario=None, faults=faults)
+    async with in_process(state, UNSHAPED, app_config) as bed:
+        manager, task = await _manager(state, bed.backend, events, config)
+        try:
+            async with asyncio.timeout(60):
+                while not isinstance(await events.get(), HandshakeCompleted):
+                    pass
+                sent = set()
+                for i in range(60):
+                    message = Message(
+                        MessageKind.TELEMETRY,
+                        os.urandom(16),
+                        Telemetry(50, False, i).encode(),
+                        MessageFlags.RELIABLE,
+                    )
+                    sent.add(message.message_id)
+                    await bed.app._send(message)
+                seen: list[bytes] = []
+                while set(seen) != sent:
+                    event = await events.get()
+                    if (
+                        isinstance(event, MessageReceived)
+                        and event.message.kind is MessageKind.TELEMETRY
+                    ):
+                        seen.append(event.message.message_id)
+                        manager.acknowledge(event.message.message_id)
+            assert len(seen) == len(sent)  # each exactly once
+            session = manager.session
+            link = bed.app.current_link
+            assert link is not None
+            assert link.tampered > 0
+            drops = sum(session.link_drops.values()) if session else 0
+            if session is not None and session.transport is not None:
+                drops += sum(session.transport.drops.values())
+            assert drops > 0 or manager.connects > 1
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
