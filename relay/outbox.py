@@ -674,6 +674,13 @@ class _Store:
         self.state.total_bytes = int(total)
         return updated
 
+    def purge(self) -> int:
+        with self._transaction() as conn:
+            deleted = conn.execute("DELETE FROM outbox").rowcount
+        self.state.rows = 0
+        self.state.total_bytes = 0
+        return int(deleted)
+
     def mark_attempt(self, ids: Sequence[bytes]) -> int:
         updated = 0
         with self._transaction() as conn:
@@ -965,6 +972,15 @@ class Outbox:
             OutboxStorageError: SQLite failed; nothing was replaced.
         """
         return await self._call(lambda store: store.replace_envelopes(old_topic, rows))
+
+    async def purge(self) -> int:
+        """Delete every row (the user unpaired the glasses); returns how many.
+
+        Raises:
+            OutboxClosedError: The outbox is closed.
+            OutboxStorageError: SQLite failed; nothing was deleted.
+        """
+        return await self._call(lambda store: store.purge())
 
     async def mark_attempt(self, ids: Iterable[bytes]) -> int:
         """Count one more send attempt for each row; call it when sending them.

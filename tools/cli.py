@@ -33,7 +33,7 @@ class Subcommand(Protocol):
 
 Handler = Callable[[argparse.Namespace], int]
 
-_SUBCOMMANDS: Final[tuple[str, ...]] = ("run", "sim", "bench")
+_SUBCOMMANDS: Final[tuple[str, ...]] = ("run", "sim", "pair", "bench")
 """Modules under ``tools`` that provide ``register(sub)``, in --help order."""
 
 
@@ -91,11 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     log.configure(args.verbose)
+    from relay.keys import KeyStoreError
+    from relay.outbox import OutboxError
+
     try:
         return handler(args)
-    except ConfigError as exc:
+    except (ConfigError, KeyStoreError) as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2
+    except OutboxError as exc:
+        sys.stderr.write(f"{PROG}: error: the outbox cannot be used: {exc}\n")
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -102,8 +102,13 @@ class LinkManager:
         session_config: SessionConfig | None = None,
         retry: RetryPolicy | None = None,
         mode: Mode | None = None,
+        pairing: bool = False,
     ) -> None:
-        """Prepare; nothing connects until :meth:`run`."""
+        """Prepare; nothing connects until :meth:`run`.
+
+        With ``pairing``, every connection runs the pairing handshake (to add
+        glasses even when some are already paired).
+        """
         self.identity = identity
         self._link_config = link_config
         self._backend = backend
@@ -122,6 +127,9 @@ class LinkManager:
         self.pin_mismatches = 0
         self.last_error: str | None = None
         self._rng = random.Random()
+        self._pairing = pairing
+        self.paired = asyncio.Event()
+        self.last_paired: str | None = None
         self._rekeys = 0
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -132,7 +140,7 @@ class LinkManager:
 
     def _policy(self) -> PeerPolicy:
         pinned = self.identity.pinned_glasses()
-        if pinned:
+        if pinned and not self._pairing:
             return PeerPolicy(pinned=pinned)
         payload = self.identity.pairing_payload()
         _LOGGER.info(
@@ -180,6 +188,8 @@ class LinkManager:
             if event.pairing:
                 glasses_id = self.identity.pin_glasses(event.peer_static)
                 self.identity.end_pairing()
+                self.last_paired = glasses_id
+                self.paired.set()
                 _LOGGER.info("paired with glasses %s", glasses_id)
             self._after_handshake()
         elif isinstance(event, RekeyDue):

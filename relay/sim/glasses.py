@@ -270,15 +270,18 @@ class GlassesApp:
         return self._keys.load_public(PHONE_PIN)
 
     def _policy(self) -> PeerPolicy | None:
+        # In the pairing window a fresh pairing code in sight wins: the user
+        # is pairing (again). Otherwise only the pinned phone is accepted.
+        if time.monotonic() - self._started <= self.config.pairing_window:
+            payload = self._pairing_payload()
+            if payload is not None:
+                return PeerPolicy(
+                    pairing_psk=payload.psk, expected_peer=payload.phone_public
+                )
         phone = self.paired_phone
         if phone is not None:
             return PeerPolicy(pinned=frozenset({phone}))
-        if time.monotonic() - self._started > self.config.pairing_window:
-            return None
-        payload = self._pairing_payload()
-        if payload is None:
-            return None
-        return PeerPolicy(pairing_psk=payload.psk, expected_peer=payload.phone_public)
+        return None
 
     def _pairing_payload(self) -> PairingPayload | None:
         path = self._state_dir / "phone" / PAIRING_FILE
