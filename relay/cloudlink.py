@@ -28,6 +28,7 @@ from protocol.cloud import Channels, decode_batch, encode_batch
 from protocol.envelope import (
     EnvelopeHeader,
     EnvelopeKind,
+    EnvelopeSuite,
     GatewayPublicKeys,
     open_downlink,
     seal_uplink,
@@ -98,8 +99,12 @@ class CloudLink:
         config: CloudConfig | None = None,
         gateway_key_file: Path | None = None,
         on_acked: Callable[[list[bytes]], None] | None = None,
+        suite: EnvelopeSuite = EnvelopeSuite.HPKE,
     ) -> None:
-        """Prepare; ``make_uplink`` is None when no uplink is configured."""
+        """Prepare; ``make_uplink`` is None when no uplink is configured.
+
+        ``suite`` is what :func:`protocol.envelope.choose_suite` picked at start.
+        """
         self.identity = identity
         self.outbox = outbox
         self.channels = Channels.for_device(identity.device_id)
@@ -111,6 +116,7 @@ class CloudLink:
         self._on_downlink = on_downlink
         self._on_acked = on_acked
         self._key_file = gateway_key_file
+        self.suite = suite
         self._in_flight: dict[bytes, float] = {}
         self._wake = asyncio.Event()
         self._rng = random.Random()
@@ -145,6 +151,7 @@ class CloudLink:
             kid=self.gateway.kid,
             gateway=self.gateway.keys,
             device=self.identity.device_keys,
+            suite=self.suite,
         )
 
     async def put(
@@ -338,6 +345,7 @@ class CloudLink:
                         device_id=self.identity.device_id,
                         gateway_keys=self._gateway_keys(),
                         device=self.identity.device_keys,
+                        suites=(self.suite,),
                     )
                     messages = decode_messages(plaintext)
                 except RemoteProtocolError as exc:

@@ -34,6 +34,7 @@ from typing import Final
 from protocol.bodies import Ack, Holding, Request, ResponseText, Telemetry
 from protocol.cloud import Channels
 from protocol.constants import MessageFlags, MessageKind
+from protocol.envelope import EnvelopeSuite
 from protocol.errors import RemoteProtocolError
 from protocol.message import Message
 from protocol.session import (
@@ -81,6 +82,7 @@ class DaemonConfig:
     gateway_key_file: Path | None = None
     intake_queue: int = 4096
     shutdown_timeout: float = 4.0
+    suite: EnvelopeSuite = EnvelopeSuite.HPKE
 
 
 @dataclass(slots=True)
@@ -186,6 +188,7 @@ class Daemon:
             config=config.cloud,
             gateway_key_file=config.gateway_key_file,
             on_acked=self._on_cloud_acked,
+            suite=config.suite,
         )
         self._routes: collections.OrderedDict[int, Route] = collections.OrderedDict()
         self.traces: collections.OrderedDict[int, RequestTrace] = (

@@ -21,6 +21,7 @@ from relay.errors import ConfigError
 from relay.state import ensure_state_dir, resolve_state_dir
 
 if TYPE_CHECKING:
+    from protocol.envelope import EnvelopeSuite
     from relay.ble.link import BackendSpec
 
 __all__ = ["register"]
@@ -124,7 +125,31 @@ def _run(args: argparse.Namespace) -> int:
             f"--sim {args.sim!r}: expected tcp-client:HOST:PORT or no value"
         )
     state_dir = ensure_state_dir(resolve_state_dir(args.state_dir))
+    args.suite = _envelope_suite(args.envelope_fallback)
     return asyncio.run(_main(args, state_dir, kind, password))
+
+
+def _envelope_suite(fallback: bool) -> EnvelopeSuite:
+    """Probe HPKE once at start; refuse or fall back as configured (never plaintext)."""
+    from cryptography.hazmat.backends.openssl import backend
+
+    from protocol.envelope import (
+        SuitePolicy,
+        SuiteUnavailableError,
+        choose_suite,
+    )
+
+    policy = SuitePolicy.FALLBACK if fallback else SuitePolicy.REQUIRE_HPKE
+    try:
+        suite = choose_suite(policy)
+    except SuiteUnavailableError:
+        raise ConfigError(
+            f"HPKE does not work with this build of cryptography "
+            f"({backend.openssl_version_text()}); upgrade it, or allow the Noise_K "
+            "envelope with --envelope-fallback"
+        ) from None
+    _LOGGER.info("cloud envelopes: %s (%s)", suite, backend.openssl_version_text())
+    return suite
 
 
 async def _main(
@@ -154,7 +179,10 @@ async def _main(
         if args.sim is not None:
             backend = await _sim_backend(args, state_dir, stack)
         config = DaemonConfig(
-            state_dir=state_dir, link=link_config, gateway_key_file=args.gateway_key
+            state_dir=state_dir,
+            link=link_config,
+            gateway_key_file=args.gateway_key,
+            suite=args.suite,
         )
         ensure_state_dir(state_dir / "phone")
         outbox = await Outbox.open(
