@@ -124,7 +124,10 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--sim {args.sim!r}: expected tcp-client:HOST:PORT or no value"
         )
+    from relay.keys import harden_process
+
     state_dir = ensure_state_dir(resolve_state_dir(args.state_dir))
+    harden_process()
     args.suite = _envelope_suite(args.envelope_fallback)
     return asyncio.run(_main(args, state_dir, kind, password))
 
