@@ -62,6 +62,9 @@ class CloudConfig:
             doubles with each attempt up to ``resend_cap``.
         resend_cap: Longest resend delay.
         key_poll: Seconds between looks for the gateway's key while unknown.
+        forget_on_puback: TEST ONLY: delete rows once the transport accepted
+            them (a broker PUBACK) instead of on the gateway's signed ack. It
+            exists to prove that the chaos test can see the loss this causes.
     """
 
     max_in_flight: int = 512
@@ -70,6 +73,7 @@ class CloudConfig:
     resend_after: float = 3.0
     resend_cap: float = 60.0
     key_poll: float = 0.5
+    forget_on_puback: bool = False
 
 
 @dataclass(slots=True)
@@ -293,6 +297,13 @@ class CloudLink:
                 self._in_flight[row.msg_id] = now + self._resend_delay(row.attempts + 1)
             self.stats.payloads += len(batches)
             self.stats.envelopes_sent += len(rows)
+            if config.forget_on_puback:
+                # The unsafe control: loses what the broker accepted but never
+                # delivered (e.g. when the broker dies before persisting it).
+                await self.outbox.ack([r.msg_id for r in rows])
+                for row in rows:
+                    self._in_flight.pop(row.msg_id, None)
+                continue
             await self.outbox.mark_attempt([r.msg_id for r in rows])
 
     async def _idle(self, generation: int) -> None:

@@ -186,6 +186,7 @@ async def _main(
             link=link_config,
             gateway_key_file=args.gateway_key,
             suite=args.suite,
+            cloud=CloudConfig(forget_on_puback=args.test_forget_on_puback),
         )
         ensure_state_dir(state_dir / "phone")
         outbox = await Outbox.open(

@@ -94,6 +94,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--max-requests", type=int, help="stop the scenario after this many requests"
     )
+    parser.add_argument(
+        "--max-messages", type=int, help="stop the scenario after this many messages"
+    )
     parser.set_defaults(handler=_run)
 
 
@@ -113,6 +116,7 @@ def _run(args: argparse.Namespace) -> int:
         ledger=args.ledger,
         faults=faults,
         max_requests=args.max_requests,
+        max_messages=args.max_messages,
     )
     return asyncio.run(
         _serve(state_dir, get_profile(args.profile), config, host, port, args.snoop)

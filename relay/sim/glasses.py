@@ -68,6 +68,8 @@ PAIRING_FILE: Final = "pairing.txt"
 AUDIO_FRAMES_PER_CHUNK: Final = 10
 """LC3 frames per AUDIO_CHUNK message: 100 ms of speech."""
 PHOTO_CHUNK_BYTES: Final = 4096
+REQUESTS_KEPT: Final = 1024
+"""Open requests remembered for answer times and the ledger."""
 PAIRING_LOOK_SECONDS: Final = 3.0
 """How long a connected, unpaired pair of glasses looks for a pairing code."""
 
@@ -134,6 +136,7 @@ class GlassesAppConfig:
         ledger: Append ``sent``/``acked`` events here (JSON lines).
         faults: Faults to inject.
         max_requests: Stop the scenario after this many requests (None: never).
+        max_messages: Stop the scenario after this many messages (None: never).
     """
 
     scenario: str | None = "day"
@@ -143,6 +146,7 @@ class GlassesAppConfig:
     ledger: Path | None = None
     faults: tuple[Fault, ...] = ()
     max_requests: int | None = None
+    max_messages: int | None = None
 
 
 @dataclass(slots=True)
@@ -254,6 +258,7 @@ class GlassesApp:
         self._used_pairings: set[bytes] = set()
         self._request_id = random.Random(config.seed).randrange(1, 1 << 20)
         self._asked: dict[int, float] = {}
+        self._request_ids: dict[int, bytes] = {}
         self.answer_times: dict[int, float] = {}
         self._established = asyncio.Event()
         self._ledger: IO[str] | None = None
@@ -261,6 +266,7 @@ class GlassesApp:
             self._ledger = config.ledger.open("a", encoding="utf-8")
         self._room = asyncio.Event()
         self._room.set()
+        self.scenario_done = asyncio.Event()
 
     # -- keys and pairing --------------------------------------------------
 
@@ -437,6 +443,9 @@ class GlassesApp:
                     ResponseText.decode(message.body)
                     self.answer_times[message.request_id] = time.monotonic() - asked
                     self.stats.answers += 1
+                    request_mid = self._request_ids.get(message.request_id)
+                    if request_mid is not None:
+                        self._log(request_mid, "answered")
         if driver is not None and message.flags & MessageFlags.RELIABLE:
             driver.acknowledge(message.message_id)
 
@@ -467,12 +476,22 @@ class GlassesApp:
         for step in steps:
             if step.delay:
                 await asyncio.sleep(step.delay)
+            if (
+                self.config.max_messages is not None
+                and self.stats.messages_sent >= self.config.max_messages
+            ):
+                _LOGGER.info(
+                    "glasses: scenario done (%d messages)", self.stats.messages_sent
+                )
+                self.scenario_done.set()
+                return
             action = step.action
             if isinstance(action, Ask):
                 if (
                     self.config.max_requests is not None
                     and self.stats.requests >= self.config.max_requests
                 ):
+                    self.scenario_done.set()
                     return
                 await self._ask(action)
             elif isinstance(action, Gesture):
@@ -516,7 +535,12 @@ class GlassesApp:
             codec,
         )
         self._asked[rid] = capture_end
-        await self._send(_reliable(MessageKind.REQUEST, request.encode(), rid))
+        request_message = _reliable(MessageKind.REQUEST, request.encode(), rid)
+        self._request_ids[rid] = request_message.message_id
+        for table in (self._asked, self._request_ids):
+            while len(table) > REQUESTS_KEPT:
+                del table[next(iter(table))]
+        await self._send(request_message)
         if photo:
             pieces = [
                 photo[i : i + PHOTO_CHUNK_BYTES]

@@ -176,6 +176,19 @@ def _soak(rng: random.Random) -> Iterator[Step]:
             yield Step(0.0, Ask(RequestKind.TEXT_QUERY, rng.choice(_SOAK_TEXT)))
 
 
+def _stress(rng: random.Random) -> Iterator[Step]:
+    """As fast as the link and the phone take them: telemetry, events, questions."""
+    tick = 0
+    while True:
+        tick += 1
+        yield Step(0.0, TelemetryTick())
+        yield Step(0.0, Gesture(EventType.BUTTON, rng.choice(("tap", "double_tap"))))
+        if tick % 4 == 0:
+            yield Step(0.0, Ask(RequestKind.TEXT_QUERY, rng.choice(_SOAK_TEXT)))
+        if tick % 10 == 0:
+            yield Step(0.0, Ask(RequestKind.TIME, "what time is it"))
+
+
 SCENARIOS: Final[dict[str, tuple[str, Callable[[random.Random], Iterator[Step]]]]] = {
     "day": (
         "a user's few minutes: questions, photo price look-up, navigation, "
@@ -183,6 +196,10 @@ SCENARIOS: Final[dict[str, tuple[str, Callable[[random.Random], Iterator[Step]]]
         _day,
     ),
     "soak": ("mixed kinds at 10+ messages/s, voice and a photo every 10 s", _soak),
+    "stress": (
+        "telemetry, events and questions as fast as the link takes them",
+        _stress,
+    ),
 }
 
 
