@@ -163,6 +163,7 @@ async def _main(
     from protocol.constants import MessageKind
     from protocol.message import Message
     from relay.ble.link import BackendSpec, LinkConfig
+    from relay.cloudlink import CloudConfig
     from relay.daemon import Daemon, DaemonConfig
     from relay.identity import GatewayKey
     from relay.outbox import Outbox
