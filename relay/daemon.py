@@ -49,7 +49,7 @@ from relay.ble.manager import LinkManager
 from relay.cloudlink import CloudConfig, CloudLink
 from relay.identity import GatewayKey, PhoneIdentity
 from relay.local.skills import PhoneState, answer
-from relay.outbox import Outbox, OutboxConfig, Priority, PutOutcome
+from relay.outbox import Outbox, OutboxConfig, OutboxStats, Priority, PutOutcome
 from relay.router.decide import Policy, Route, Snapshot, decide
 from relay.uplink.base import Uplink
 
@@ -200,6 +200,8 @@ class Daemon:
             collections.OrderedDict()
         )
         self._background: set[asyncio.Task[bool]] = set()
+        self._outbox_stats: OutboxStats | None = None
+        self._local_pending: dict[int, tuple[Message, Request]] = {}
 
     # -- events from the glasses -----------------------------------------
 
@@ -246,7 +248,12 @@ class Daemon:
             await self._request(message)
         elif kind in (MessageKind.AUDIO_CHUNK, MessageKind.PHOTO_CHUNK):
             if self._routes.get(message.request_id) is Route.LOCAL:
-                self._ack(message)  # answered already on the phone
+                self._ack(message)  # the phone answers this request itself
+                pending = self._local_pending.pop(message.request_id, None)
+                if pending is not None and message.flags & MessageFlags.FINAL:
+                    self._answer_locally(*pending)
+                elif pending is not None:
+                    self._local_pending[message.request_id] = pending
             else:
                 await self._to_cloud(message)
         elif kind is MessageKind.TELEMETRY:
@@ -287,10 +294,14 @@ class Daemon:
         self._remember(message.request_id, decision.route, trace)
         self._by_message[message.message_id] = message.request_id
         if decision.route is Route.LOCAL:
-            text = answer(request, self.phone, datetime.datetime.now().astimezone())
-            self._send_answer(message.request_id, text, "local")
-            self.stats.local_answers += 1
-            self._ack(message)
+            if request.size > 0:
+                # Spoken: the answer waits for the end of the utterance (the
+                # last chunk), as the phone cannot know what was said before.
+                self._local_pending[message.request_id] = (message, request)
+                while len(self._local_pending) > _ROUTES_KEPT:
+                    self._local_pending.pop(next(iter(self._local_pending)))
+                return
+            self._answer_locally(message, request)
             return
         await self._to_cloud(message)
         if decision.holding:
@@ -305,6 +316,12 @@ class Daemon:
                     message.request_id,
                 )
             )
+
+    def _answer_locally(self, message: Message, request: Request) -> None:
+        text = answer(request, self.phone, datetime.datetime.now().astimezone())
+        self._send_answer(message.request_id, text, "local")
+        self.stats.local_answers += 1
+        self._ack(message)
 
     def _remember(self, request_id: int, route: Route, trace: RequestTrace) -> None:
         self._routes[request_id] = route
@@ -385,6 +402,97 @@ class Daemon:
             group.create_task(supervise("glasses link", self.link.run, restarts))
             group.create_task(supervise("intake", self._intake, restarts))
             group.create_task(supervise("cloud", self.cloud.run, restarts))
+            group.create_task(
+                supervise("outbox stats", self._refresh_outbox_stats, restarts)
+            )
+
+    # -- status ------------------------------------------------------------
+
+    async def _refresh_outbox_stats(self) -> None:
+        while True:
+            self._outbox_stats = await self.outbox.stats()
+            await asyncio.sleep(1.0)
+
+    def status(self) -> dict[str, object]:
+        """The /status document: pid, uptime, link, uplink, outbox, recent requests."""
+        manager = self.link
+        session = manager.session
+        link_stats = manager.link.stats if manager.link is not None else None
+        crypto: dict[str, int] = {}
+        if session is not None and session.transport is not None:
+            crypto = {str(k): v for k, v in session.transport.drops.items()}
+        uplink = self.cloud.uplink
+        up_stats = uplink.stats() if uplink is not None else None
+        box = self._outbox_stats
+        offset = manager.clock.offset_us
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "device": self.cloud.channels.up.split("/")[-2],
+            "link": {
+                "state": manager.state.value,
+                "connects": manager.connects,
+                "handshake_failures": manager.handshake_failures,
+                "pin_mismatches": manager.pin_mismatches,
+                "last_error": manager.last_error,
+                "frames_in": link_stats.fragments_in if link_stats else 0,
+                "frames_out": link_stats.fragments_out if link_stats else 0,
+                "bytes_in": link_stats.bytes_in if link_stats else 0,
+                "bytes_out": link_stats.bytes_out if link_stats else 0,
+                "reassembly_drops": dict(session.link_drops) if session else {},
+                "crypto_drops": crypto,
+                "clock_offset_ms": None if offset is None else round(offset / 1000, 2),
+                "paired_glasses": len(self.identity.pinned_glasses()),
+            },
+            "uplink": {
+                "configured": self.cloud.configured,
+                "state": "none" if uplink is None else uplink.state.value,
+                "gateway_kid": None
+                if self.cloud.gateway is None
+                else self.cloud.gateway.kid,
+                "in_flight": self.cloud.in_flight,
+                "publishes": up_stats.publishes if up_stats else 0,
+                "reconnects": up_stats.reconnects if up_stats else 0,
+                "sent": self.cloud.stats.envelopes_sent,
+                "acked": self.cloud.stats.acked,
+            },
+            "outbox": {
+                "rows": box.rows if box else 0,
+                "bytes": box.total_bytes if box else 0,
+                "oldest_age_s": box.oldest_age_s if box else None,
+                "refused_full": self.stats.refused_full,
+            },
+            "requests": [self._trace_json(t) for t in list(self.traces.values())[-50:]],
+            "counters": {
+                "messages_in": self.stats.messages_in,
+                "acked_to_glasses": self.stats.acked_to_glasses,
+                "local_answers": self.stats.local_answers,
+                "cloud_answers": self.stats.cloud_answers,
+                "restarts": dict(self.stats.restarts),
+            },
+        }
+
+    @staticmethod
+    def _trace_json(trace: RequestTrace) -> dict[str, object]:
+        start = trace.capture_end if trace.capture_end is not None else trace.received
+
+        def hop(value: float | None) -> float | None:
+            return None if value is None else round((value - start) * 1000, 1)
+
+        response = trace.response_s
+        return {
+            "request_id": trace.request_id,
+            "kind": trace.kind,
+            "route": trace.route,
+            "reason": trace.reason,
+            "response_ms": None if response is None else round(response * 1000, 1),
+            "hops_ms": {
+                "phone_received": hop(trace.received),
+                "routed": hop(trace.routed),
+                "cloud_acked": hop(trace.cloud_acked),
+                "first_answer_sent": hop(trace.first_answer),
+            },
+        }
 
     async def close(self) -> None:
         """Close the uplink; call after :meth:`run` has ended."""

@@ -86,6 +86,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=Path,
         help="the gateway's public.json (default: state dir)",
     )
+    cloud.add_argument(
+        "--envelope-fallback",
+        action="store_true",
+        help="if this build of cryptography has no HPKE, seal with Noise_K instead "
+        "of refusing to start (the gateway must accept Noise_K)",
+    )
+    cloud.add_argument(
+        "--test-forget-on-puback", action="store_true", help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--status-port",
+        type=int,
+        metavar="PORT",
+        help="serve the status API on 127.0.0.1:PORT instead of the 0600 Unix "
+        "socket in the state directory",
+    )
     parser.set_defaults(handler=_run)
 
 
@@ -167,6 +183,7 @@ async def _main(
     from relay.daemon import Daemon, DaemonConfig
     from relay.identity import GatewayKey
     from relay.outbox import Outbox
+    from relay.status import StatusServer
     from relay.uplink import MqttConfig, MqttUplink, WsConfig, WsUplink
     from relay.uplink.base import Uplink
 
@@ -228,6 +245,11 @@ async def _main(
             kind,
             state_dir,
         )
+        status = StatusServer(
+            daemon.status, state_dir=state_dir, tcp_port=args.status_port
+        )
+        await status.start()
+        stack.push_async_callback(status.close)
         task = asyncio.create_task(daemon.run(), name="daemon")
         waiter = asyncio.ensure_future(stop.wait())
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)

@@ -12,8 +12,9 @@ Modules: :mod:`~tools.cloud.config` (flags, :class:`GatewayConfig`),
 records), :mod:`~tools.cloud.store` and :mod:`~tools.cloud.redis_store` (the
 idempotency store), :mod:`~tools.cloud.assistant`, :mod:`~tools.cloud.ledger`,
 :mod:`~tools.cloud.downlink` (answers awaiting the phone's ACK),
-:mod:`~tools.cloud.gateway` (the core), :mod:`~tools.cloud.mqtt` and
-:mod:`~tools.cloud.ws` (transports), :mod:`~tools.cloud.app` (the process).
+:mod:`~tools.cloud.gateway` (the core) with :mod:`~tools.cloud.stats` (its
+counters), :mod:`~tools.cloud.mqtt` and :mod:`~tools.cloud.ws` (transports),
+:mod:`~tools.cloud.app` (the process).
 """
 
 from __future__ import annotations

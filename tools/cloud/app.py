@@ -26,7 +26,12 @@ from tools.cloud.ledger import Ledger
 from tools.cloud.mqtt import MqttTransport
 from tools.cloud.redis_store import RedisStore
 from tools.cloud.registry import DeviceRegistry
-from tools.cloud.store import IdempotencyStore, SqliteStore, StoreLimits
+from tools.cloud.store import (
+    IdempotencyStore,
+    SqliteStore,
+    StoreLimits,
+    StoreUnavailableError,
+)
 from tools.cloud.ws import WsTransport
 
 __all__ = ["CloudGateway", "run_gateway"]
@@ -148,8 +153,11 @@ class CloudGateway:
         await registry.scan()
         async with contextlib.AsyncExitStack() as stack:
             store = _store(config)
-            await store.open()
             stack.push_async_callback(store.aclose)
+            try:
+                await store.open()
+            except StoreUnavailableError as exc:
+                raise ConfigError(f"{exc}; choose another with --idempotency") from exc
             ledger = await self._open_ledger(stack)
             gateway = Gateway(
                 config,

@@ -63,6 +63,7 @@ from tools.cloud.downlink import DownlinkTracker
 from tools.cloud.keys import KID
 from tools.cloud.ledger import Ledger
 from tools.cloud.registry import DeviceRegistry, KnownDevice
+from tools.cloud.stats import GatewayStats
 from tools.cloud.store import (
     Admission,
     Assembled,
@@ -111,57 +112,6 @@ class DownlinkSink(Protocol):
             failures: what is not acknowledged is resent later).
         """
         ...
-
-
-@dataclass(slots=True)
-class GatewayStats:
-    """The gateway's counters (all since start).
-
-    Attributes:
-        opened: Uplink envelopes that opened.
-        processed: New messages processed (one per id, ever).
-        duplicates: Messages seen before, acknowledged again.
-        refused: New messages acknowledged but not used (bad body, limits).
-        acks_sent: Signed acks handed to a transport.
-        acked_ids: Message ids in those acks.
-        acks_unsent: Signed acks no transport could take.
-        responses: Answers whose last piece went down.
-        pieces_sent: Answer pieces sent (first transmissions).
-        resends: Answer pieces sent again.
-        downlink_acked: Answer pieces the phone acknowledged.
-        presence_updates: Presence changes applied.
-        assistant_errors: Answers the assistant failed to give.
-        drops: Uplink items dropped, by reason.
-    """
-
-    opened: int = 0
-    processed: int = 0
-    duplicates: int = 0
-    refused: int = 0
-    acks_sent: int = 0
-    acked_ids: int = 0
-    acks_unsent: int = 0
-    responses: int = 0
-    pieces_sent: int = 0
-    resends: int = 0
-    downlink_acked: int = 0
-    presence_updates: int = 0
-    assistant_errors: int = 0
-    drops: collections.Counter[str] = field(default_factory=collections.Counter)
-
-    def snapshot(self) -> dict[str, int]:
-        """Every counter, drops as ``drop_<reason>``."""
-        out = {
-            name: getattr(self, name)
-            for name in self.__dataclass_fields__
-            if name != "drops"
-        }
-        out.update({f"drop_{reason}": count for reason, count in self.drops.items()})
-        return out
-
-    def summary(self) -> str:
-        """One line of ``name=value`` pairs, for the log."""
-        return " ".join(f"{k}={v}" for k, v in self.snapshot().items())
 
 
 @dataclass(slots=True)
@@ -348,6 +298,8 @@ class Gateway:
                     self._drop("unknown_device")
                 else:
                     known.append((device, item))
+            if not known:
+                continue
             result = await asyncio.to_thread(self._open_batch, known)
             for reason, count in result.drops.items():
                 self._drop(reason, count)
@@ -718,9 +670,9 @@ class Gateway:
             gateway=self._keys,
             device=device.public,
         )
-        self._tracker.track(
-            device.pseudonym, message.message_id, envelope, self._clock()
-        )
+        tracker = self._tracker
+        tracker.track(device.pseudonym, message.message_id, envelope, self._clock())
+        self.stats.downlink_dropped = tracker.dropped_overflow + tracker.dropped_expired
         self._resend_wake.set()
         self.stats.pieces_sent += 1
         await self._send_down(device, encode_batch([envelope]))
@@ -745,7 +697,11 @@ class Gateway:
                 continue
             except TimeoutError:
                 pass
-            batches = self._tracker.take_due(self._clock(), paused=self._paused)
+            tracker = self._tracker
+            batches = tracker.take_due(self._clock(), paused=self._paused)
+            self.stats.downlink_dropped = (
+                tracker.dropped_overflow + tracker.dropped_expired
+            )
             async with asyncio.TaskGroup() as group:
                 for pseudonym, pieces in batches.items():
                     group.create_task(self._resend(pseudonym, pieces))

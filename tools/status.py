@@ -1,0 +1,138 @@
+"""``glasses-relay status``: ask the running daemon how it is.
+
+Finds the daemon through the state directory (its 0600 Unix socket) with no
+other flags, and shows the link, the uplink, the outbox and the recent
+requests with their hop times; ``--json`` prints the daemon's /status
+document. With no daemon reachable: one line, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+import aiohttp
+
+from relay.state import resolve_state_dir
+from relay.status import socket_path
+from tools.output import emit_json, say
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``status`` subcommand."""
+    parser = sub.add_parser(
+        "status",
+        help="show how the running daemon is: link, uplink, outbox, requests",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--port", type=int, help="a daemon started with --status-port PORT"
+    )
+    parser.set_defaults(handler=_run)
+
+
+async def _fetch(args: argparse.Namespace) -> dict[str, object] | None:
+    state_dir = resolve_state_dir(args.state_dir)
+    if args.port is not None:
+        connector: aiohttp.BaseConnector = aiohttp.TCPConnector()
+        url = f"http://127.0.0.1:{args.port}/status"
+    else:
+        path = socket_path(state_dir)
+        if not path.exists():
+            return None
+        connector = aiohttp.UnixConnector(path=str(path))
+        url = "http://daemon/status"
+    timeout = aiohttp.ClientTimeout(total=5)
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as client,
+            client.get(url) as response,
+        ):
+            response.raise_for_status()
+            doc = await response.json()
+    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _render(doc: dict[str, object]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stderr)
+    link = doc.get("link", {})
+    uplink = doc.get("uplink", {})
+    outbox = doc.get("outbox", {})
+    assert isinstance(link, dict)  # noqa: S101
+    assert isinstance(uplink, dict)  # noqa: S101
+    assert isinstance(outbox, dict)  # noqa: S101
+    summary = Table(
+        title=f"glasses-relay (pid {doc.get('pid')}, up {doc.get('uptime_s')} s)"
+    )
+    summary.add_column("part")
+    summary.add_column("state")
+    summary.add_column("details")
+    drops = {
+        **(link.get("reassembly_drops") or {}),
+        **(link.get("crypto_drops") or {}),
+    }
+    dropped = ", ".join(f"{k} {v}" for k, v in drops.items() if v) or "none"
+    summary.add_row(
+        "glasses",
+        str(link.get("state")),
+        f"{link.get('frames_in')} in / {link.get('frames_out')} out, "
+        f"{link.get('connects')} connects, dropped: {dropped}",
+    )
+    summary.add_row(
+        "uplink",
+        str(uplink.get("state")),
+        f"{uplink.get('sent')} sent, {uplink.get('acked')} acked, "
+        f"{uplink.get('in_flight')} in flight",
+    )
+    age = outbox.get("oldest_age_s")
+    summary.add_row(
+        "outbox",
+        f"{outbox.get('rows')} messages",
+        f"{outbox.get('bytes')} bytes, oldest {'-' if age is None else f'{age:.1f} s'}",
+    )
+    console.print(summary)
+    requests = doc.get("requests", [])
+    assert isinstance(requests, list)  # noqa: S101
+    if requests:
+        table = Table(title="recent requests (ms from end of capture)")
+        for column in ("id", "kind", "route", "answer", "received", "cloud ack", "why"):
+            table.add_column(column)
+        for item in requests[-15:]:
+            hops = item.get("hops_ms", {})
+            table.add_row(
+                str(item.get("request_id")),
+                str(item.get("kind")),
+                str(item.get("route")),
+                str(item.get("response_ms") or "-"),
+                str(hops.get("phone_received")),
+                str(hops.get("cloud_acked") or "-"),
+                str(item.get("reason")),
+            )
+        console.print(table)
+
+
+def _run(args: argparse.Namespace) -> int:
+    doc = asyncio.run(_fetch(args))
+    if doc is None:
+        where = f"127.0.0.1:{args.port}" if args.port else "this state directory"
+        say(
+            f"glasses-relay: no daemon is running for {where} "
+            "(start one with 'glasses-relay run')"
+        )
+        return 1
+    if args.json:
+        emit_json(doc)
+    else:
+        _render(doc)
+    return 0
