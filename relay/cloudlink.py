@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -24,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from protocol.bodies import Presence
 from protocol.cloud import Channels, decode_batch, encode_batch
+from protocol.constants import MessageKind
 from protocol.envelope import (
     EnvelopeHeader,
     EnvelopeKind,
@@ -62,6 +65,8 @@ class CloudConfig:
             doubles with each attempt up to ``resend_cap``.
         resend_cap: Longest resend delay.
         key_poll: Seconds between looks for the gateway's key while unknown.
+        announce_presence: Send a sealed "online" PRESENCE on every new
+            connection (MQTT; on WebSocket the connection itself says it).
         forget_on_puback: TEST ONLY: delete rows once the transport accepted
             them (a broker PUBACK) instead of on the gateway's signed ack. It
             exists to prove that the chaos test can see the loss this causes.
@@ -74,6 +79,7 @@ class CloudConfig:
     resend_cap: float = 60.0
     key_poll: float = 0.5
     forget_on_puback: bool = False
+    announce_presence: bool = True
 
 
 @dataclass(slots=True)
@@ -261,6 +267,7 @@ class CloudLink:
                 # A new connection: everything unacknowledged goes again, in order.
                 reconnects = stats.reconnects
                 self._in_flight.clear()
+                await self._announce_online()
             now = time.monotonic()
             room = config.max_in_flight - len(self._in_flight)
             generation = self.outbox.generation
@@ -305,6 +312,22 @@ class CloudLink:
                     self._in_flight.pop(row.msg_id, None)
                 continue
             await self.outbox.mark_attempt([r.msg_id for r in rows])
+
+    async def _announce_online(self) -> None:
+        """Tell the gateway we are back (it resends unacknowledged answers)."""
+        uplink = self.uplink
+        if uplink is None or self.gateway is None or not self.config.announce_presence:
+            return
+        message = Message(
+            MessageKind.PRESENCE,
+            os.urandom(16),
+            Presence("online", int(time.time() * 1e6)).encode(),
+        )
+        envelope = self._seal(message.encode(), self.channels.presence)
+        try:
+            await uplink.send([("presence", encode_batch([envelope]))])
+        except UplinkError as exc:
+            _LOGGER.info("presence not sent (%s)", exc)
 
     async def _idle(self, generation: int) -> None:
         """Wait for new rows, an ack, or the next resend time."""

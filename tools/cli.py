@@ -33,7 +33,14 @@ class Subcommand(Protocol):
 
 Handler = Callable[[argparse.Namespace], int]
 
-_SUBCOMMANDS: Final[tuple[str, ...]] = ("run", "status", "sim", "cloud", "pair", "bench")
+_SUBCOMMANDS: Final[tuple[str, ...]] = (
+    "run",
+    "status",
+    "sim",
+    "cloud",
+    "pair",
+    "bench",
+)
 """Modules under ``tools`` that provide ``register(sub)``, in --help order."""
 
 

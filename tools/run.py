@@ -204,7 +204,10 @@ async def _main(
             link=link_config,
             gateway_key_file=args.gateway_key,
             suite=args.suite,
-            cloud=CloudConfig(forget_on_puback=args.test_forget_on_puback),
+            cloud=CloudConfig(
+                forget_on_puback=args.test_forget_on_puback,
+                announce_presence=kind == "mqtt",
+            ),
         )
         ensure_state_dir(state_dir / "phone")
         outbox = await Outbox.open(

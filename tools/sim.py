@@ -4,7 +4,8 @@ The glasses, their radio and the phone's controller run here; the phone's
 controller is served as HCI over TCP on loopback, so a daemon in another
 process (``glasses-relay run --sim tcp-client:HOST:PORT``) reaches them through
 bleak exactly as it would reach real glasses. The glasses outlive any daemon:
-when one dies they advertise again and accept the next.
+when one dies they advertise again and accept the next. SIGUSR1 drops the
+link as a radio loss would (supervision timeout); SIGTERM or SIGINT stop.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ async def _serve(
     # background job of a non-interactive shell).
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    drops: set[asyncio.Task[None]] = set()
     try:
         async with serve(
             state_dir,
@@ -150,6 +152,13 @@ async def _serve(
             glasses_config=GlassesConfig(snoop_path=snoop),
         ) as bed:
             assert bed.server is not None  # noqa: S101
+
+            def drop_link() -> None:  # SIGUSR1: a radio loss, on demand
+                task = loop.create_task(bed.app.drop_link())
+                drops.add(task)
+                task.add_done_callback(drops.discard)
+
+            loop.add_signal_handler(signal.SIGUSR1, drop_link)
             print(  # noqa: T201  (the one line scripts wait for)
                 f"glasses listening on tcp-server:{host}:{bed.server.port} "
                 f"(profile {profile.name}, scenario {config.scenario or 'none'})",
@@ -165,7 +174,7 @@ async def _serve(
             f"--hci tcp-server:{host}:{port}: cannot listen: {exc.strerror}"
         ) from exc
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
     _LOGGER.info("glasses stopped")

@@ -323,6 +323,13 @@ class GlassesApp:
                         self._fault_loop(fault), name=f"fault {fault.kind}"
                     )
 
+    async def drop_link(self) -> None:
+        """Drop the current link as a radio loss would (reason 0x08)."""
+        if self.peripheral.is_connected:
+            _LOGGER.info("glasses: dropping the link (on request)")
+            with contextlib.suppress(TimeoutError):
+                await self.peripheral.disconnect(0x08)
+
     async def close(self) -> None:
         """Flush and close the ledger."""
         if self._ledger is not None:
