@@ -1,0 +1,254 @@
+"""Chaos: glasses, daemon and gateway as real processes through a real mosquitto.
+
+While messages flow, the broker crashes and comes back, the daemon is
+SIGKILLed and restarted, the BLE link drops, and the gateway stalls. Anyone
+can then check delivery from the two audit ledgers alone: every message the
+phone acknowledged as durable to the glasses is processed by the gateway
+exactly once, and every answer the gateway sent reaches the glasses.
+
+The same run with the daemon's test-only forget-on-PUBACK switch must lose
+messages: that proves the check can see loss. ``make soak`` runs the full size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from servers import Mosquitto, free_port
+
+SCRIPT = Path(sys.executable).parent / "glasses-relay"
+
+
+@dataclass
+class Plan:
+    messages: int
+    broker_crashes: int
+    daemon_kills: int
+    link_drops: int
+    timeout: float
+
+
+SMALL = Plan(messages=1000, broker_crashes=1, daemon_kills=1, link_drops=2, timeout=150)
+FULL = Plan(
+    messages=10_000, broker_crashes=3, daemon_kills=3, link_drops=5, timeout=1500
+)
+
+
+def read_ledger(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Run:
+    """The processes of one chaos run, and their ledgers."""
+
+    def __init__(
+        self, tmp: Path, broker: Mosquitto, plan: Plan, *, forget: bool
+    ) -> None:
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.state.mkdir(mode=0o700)
+        self.broker = broker
+        self.plan = plan
+        self.forget = forget
+        self.hci_port = free_port()
+        self.glasses_ledger = tmp / "glasses.jsonl"
+        self.gateway_ledger = tmp / "gateway.jsonl"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.daemon: subprocess.Popen[bytes] | None = None
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.tmp / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [str(SCRIPT), "--state-dir", str(self.state), "-v", *args],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        self.gateway = self.spawn(
+            "gateway", "cloud", "--broker", self.broker.url,
+            "--ledger", str(self.gateway_ledger), "--latency-model", "fixed:0.05",
+        )  # fmt: skip
+        self.sim = self.spawn(
+            "sim", "sim", "--hci", f"tcp-server:127.0.0.1:{self.hci_port}",
+            "--scenario", "stress", "--profile", "unshaped",
+            "--max-messages", str(self.plan.messages),
+            "--ledger", str(self.glasses_ledger),
+        )  # fmt: skip
+        self.start_daemon()
+
+    def start_daemon(self) -> None:
+        extra = ["--test-forget-on-puback"] if self.forget else []
+        self.daemon = self.spawn(
+            "daemon", "run", "--sim", f"tcp-client:127.0.0.1:{self.hci_port}",
+            "--broker", self.broker.url, *extra,
+        )  # fmt: skip
+
+    def acked(self) -> set[str]:
+        return {
+            str(e["id"])
+            for e in read_ledger(self.glasses_ledger)
+            if e["event"] == "acked"
+        }
+
+    def sent(self) -> set[str]:
+        return {
+            str(e["id"])
+            for e in read_ledger(self.glasses_ledger)
+            if e["event"] == "sent"
+        }
+
+    def processed(self) -> Counter[str]:
+        return Counter(
+            str(e["id"])
+            for e in read_ledger(self.gateway_ledger)
+            if e["event"] == "processed"
+        )
+
+    def responses(self) -> set[str]:
+        return {
+            str(e["id"])
+            for e in read_ledger(self.gateway_ledger)
+            if e["event"] == "response"
+        }
+
+    def answered(self) -> set[str]:
+        return {
+            str(e["id"])
+            for e in read_ledger(self.glasses_ledger)
+            if e["event"] == "answered"
+        }
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def wait_until(check, limit: float, what: str, run: Run) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.2)
+    tails = {
+        name: (run.tmp / f"{name}.log").read_text(errors="replace")[-1500:]
+        for name in ("daemon", "gateway", "sim")
+    }
+    raise AssertionError(f"timed out waiting for {what}: {tails}")
+
+
+async def chaos(tmp: Path, plan: Plan, *, forget: bool) -> Run:
+    broker = Mosquitto(tmp / "broker")
+    await broker.start()
+    run = Run(tmp, broker, plan, forget=forget)
+    run.start()
+    n = plan.messages
+    try:
+        # Faults spread over the run, each at a point of progress.
+        events = [
+            ((i + 1) / (plan.link_drops + 1), "drop") for i in range(plan.link_drops)
+        ]
+        events += [
+            ((i + 0.5) / plan.daemon_kills * 0.8, "kill")
+            for i in range(plan.daemon_kills)
+        ]
+        events += [
+            ((i + 0.7) / plan.broker_crashes * 0.9, "crash")
+            for i in range(plan.broker_crashes)
+        ]
+        for fraction, what in sorted(events):
+            await wait_until(lambda f=fraction: len(run.acked()) >= f * n, plan.timeout,
+                             f"{fraction:.0%} acked before {what}", run)  # fmt: skip
+            if what == "drop":
+                os.kill(run.sim.pid, signal.SIGUSR1)
+            elif what == "kill":
+                assert run.daemon is not None
+                run.daemon.send_signal(signal.SIGKILL)
+                run.daemon.wait(timeout=10)
+                run.start_daemon()
+            else:
+                # The gateway stalls, messages pile up in the broker, and the
+                # broker crashes with them: only end-to-end acks notice.
+                os.kill(run.gateway.pid, signal.SIGSTOP)
+                await asyncio.sleep(1.5)
+                await broker.kill()
+                await broker.start()
+                os.kill(run.gateway.pid, signal.SIGCONT)
+        await wait_until(lambda: len(run.acked()) >= n, plan.timeout, "all acked", run)
+        if not forget:
+            await wait_until(
+                lambda: run.acked() <= set(run.processed()), plan.timeout,
+                "every acked message processed", run,
+            )  # fmt: skip
+            await wait_until(
+                lambda: run.responses() <= run.answered(), plan.timeout,
+                "every answer at the glasses", run,
+            )  # fmt: skip
+        else:
+            await asyncio.sleep(8)  # give a lossy relay every chance to deliver
+        return run
+    finally:
+        run.stop()
+        await broker.stop()
+
+
+async def check_no_loss(tmp: Path, plan: Plan) -> None:
+    run = await chaos(tmp, plan, forget=False)
+    acked = run.acked()
+    processed = run.processed()
+    assert len(acked) == plan.messages
+    assert acked == run.sent()
+    missing = acked - set(processed)
+    assert not missing, f"{len(missing)} acked messages never processed"
+    twice = [i for i, c in processed.items() if c != 1]
+    assert not twice, f"processed more than once: {twice[:5]}"
+    responses = {
+        str(e["id"])
+        for e in read_ledger(run.gateway_ledger)
+        if e["event"] == "response"
+    }
+    answered = {
+        str(e["id"])
+        for e in read_ledger(run.glasses_ledger)
+        if e["event"] == "answered"
+    }
+    assert responses, "the scenario asks questions: the gateway must answer some"
+    assert responses <= answered, (
+        f"{len(responses - answered)} answers never reached the glasses"
+    )
+
+
+async def test_chaos_mqtt_small(tmp_path: Path) -> None:
+    await check_no_loss(tmp_path, SMALL)
+
+
+async def test_forget_on_puback_control_loses_messages(tmp_path: Path) -> None:
+    run = await chaos(tmp_path, SMALL, forget=True)
+    lost = run.acked() - set(run.processed())
+    assert lost, "forgetting on PUBACK should lose messages when the broker crashes"
+
+
+@pytest.mark.soak
+async def test_chaos_mqtt_full(tmp_path: Path) -> None:
+    await check_no_loss(tmp_path, FULL)
