@@ -23,10 +23,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@ $(VENV)/.installed-run
 
-# Until `glasses-relay demo` exists: the daemon with in-process emulated glasses
-# playing the `day` scenario (Ctrl-C to stop).
+# The whole path on this machine: emulated glasses, the daemon and a local
+# gateway, a user's day for 60 s, then a summary.
 run: $(VENV)/.installed-run
-	$(BIN)/glasses-relay -v run --sim
+	$(BIN)/glasses-relay demo
 
 system-tools:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || [ -x /usr/sbin/$$t ] || missing="$$missing $$t"; done; \

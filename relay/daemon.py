@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from protocol.bodies import Ack, Holding, Request, ResponseText, Telemetry
+from protocol.bodies import Ack, Holding, Presence, Request, ResponseText, Telemetry
 from protocol.cloud import Channels
 from protocol.constants import MessageFlags, MessageKind
 from protocol.envelope import EnvelopeSuite
@@ -405,6 +405,15 @@ class Daemon:
             group.create_task(
                 supervise("outbox stats", self._refresh_outbox_stats, restarts)
             )
+
+    def offline_will(self) -> bytes:
+        """The sealed "offline" PRESENCE payload for the MQTT last will."""
+        message = Message(
+            MessageKind.PRESENCE,
+            os.urandom(16),
+            Presence("offline", int(time.time() * 1e6)).encode(),
+        )
+        return self.cloud.seal_presence(message)
 
     # -- status ------------------------------------------------------------
 

@@ -34,6 +34,7 @@ class Subcommand(Protocol):
 Handler = Callable[[argparse.Namespace], int]
 
 _SUBCOMMANDS: Final[tuple[str, ...]] = (
+    "demo",
     "run",
     "status",
     "sim",

@@ -32,6 +32,7 @@ from protocol.bodies import (
     ClockSync,
     Event,
     Request,
+    RequestKind,
     ResponseText,
     Telemetry,
 )
@@ -259,6 +260,8 @@ class GlassesApp:
         self._request_id = random.Random(config.seed).randrange(1, 1 << 20)
         self._asked: dict[int, float] = {}
         self._request_ids: dict[int, bytes] = {}
+        self.asked: dict[int, tuple[RequestKind, float]] = {}
+        """Every request asked: its kind and when (bounded like the others)."""
         self.answer_times: dict[int, float] = {}
         self._established = asyncio.Event()
         self._ledger: IO[str] | None = None
@@ -267,6 +270,8 @@ class GlassesApp:
         self._room = asyncio.Event()
         self._room.set()
         self.scenario_done = asyncio.Event()
+        self._asking: set[asyncio.Task[None]] = set()
+        self._play_task: asyncio.Task[None] | None = None
 
     # -- keys and pairing --------------------------------------------------
 
@@ -316,12 +321,19 @@ class GlassesApp:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._serve(), name="glasses serve")
             if self.config.scenario is not None:
-                group.create_task(self._play(), name="glasses scenario")
+                self._play_task = group.create_task(
+                    self._play(), name="glasses scenario"
+                )
             for fault in self.config.faults:
                 if fault.kind in (FaultKind.DISCONNECT, FaultKind.RESET):
                     group.create_task(
                         self._fault_loop(fault), name=f"fault {fault.kind}"
                     )
+
+    def stop_scenario(self) -> None:
+        """The user stops: no new requests; those under way still complete."""
+        if self._play_task is not None:
+            self._play_task.cancel()
 
     async def drop_link(self) -> None:
         """Drop the current link as a radio loss would (reason 0x08)."""
@@ -500,7 +512,12 @@ class GlassesApp:
                 ):
                     self.scenario_done.set()
                     return
-                await self._ask(action)
+                # Requests overlap as a user's do: the next step's delay runs
+                # from the start of this one, not from its end.
+                self.stats.requests += 1
+                task = asyncio.get_running_loop().create_task(self._ask(action))
+                self._asking.add(task)
+                task.add_done_callback(self._asking.discard)
             elif isinstance(action, Gesture):
                 body = Event(
                     action.type, _now_us(), action.name, action.x, action.y, action.z
@@ -517,7 +534,6 @@ class GlassesApp:
         return self.peripheral.config.battery_level
 
     async def _ask(self, ask: Ask) -> None:
-        self.stats.requests += 1
         rid = self._next_request_id()
         seed = self.config.seed * 1000 + self.stats.requests
         frames = media.voice_frames(ask.voice_s, seed) if ask.voice_s else ()
@@ -542,9 +558,10 @@ class GlassesApp:
             codec,
         )
         self._asked[rid] = capture_end
+        self.asked[rid] = (ask.kind, time.monotonic())
         request_message = _reliable(MessageKind.REQUEST, request.encode(), rid)
         self._request_ids[rid] = request_message.message_id
-        for table in (self._asked, self._request_ids):
+        for table in (self._asked, self._request_ids, self.asked):
             while len(table) > REQUESTS_KEPT:
                 del table[next(iter(table))]
         await self._send(request_message)
