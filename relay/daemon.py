@@ -82,6 +82,7 @@ class DaemonConfig:
     gateway_key_file: Path | None = None
     intake_queue: int = 4096
     shutdown_timeout: float = 4.0
+    realtime_ttl: float = 30.0
     suite: EnvelopeSuite = EnvelopeSuite.HPKE
 
 
@@ -119,6 +120,7 @@ class DaemonStats:
     local_answers: int = 0
     cloud_answers: int = 0
     intake_overflow: int = 0
+    realtime_dropped: int = 0
     restarts: dict[str, int] = field(default_factory=dict)
 
 
@@ -231,6 +233,19 @@ class Daemon:
 
     async def _to_cloud(self, message: Message) -> None:
         priority = _PRIORITY.get(message.kind, Priority.NORMAL)
+        if message.flags & MessageFlags.REALTIME:
+            # Live streams may go stale: stored with an expiry, dropped and
+            # counted when old or when the outbox is full, never acknowledged
+            # to the glasses as durable.
+            outcome = await self.cloud.put(
+                message,
+                priority,
+                realtime=True,
+                expires_at=time.time() + self.config.realtime_ttl,
+            )
+            if outcome is PutOutcome.DROPPED_REALTIME:
+                self.stats.realtime_dropped += 1
+            return
         outcome = await self.cloud.put(message, priority)
         if outcome in (PutOutcome.STORED, PutOutcome.DUPLICATE):
             self._ack(message)

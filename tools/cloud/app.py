@@ -13,7 +13,7 @@ import contextlib
 import logging
 import signal
 import time
-from typing import Final
+from typing import Final, Protocol, runtime_checkable
 
 from protocol.envelope import probe_hpke
 from relay.errors import ConfigError
@@ -24,6 +24,7 @@ from tools.cloud.gateway import Gateway, GatewayStats
 from tools.cloud.keys import KID, load_gateway_keys, write_public_record
 from tools.cloud.ledger import Ledger
 from tools.cloud.mqtt import MqttTransport
+from tools.cloud.openai_backend import OpenAIAssistant
 from tools.cloud.redis_store import RedisStore
 from tools.cloud.registry import DeviceRegistry
 from tools.cloud.store import (
@@ -51,10 +52,43 @@ async def _until(event: asyncio.Event) -> None:
     raise _StopRequestedError
 
 
+@runtime_checkable
+class _Closable(Protocol):
+    """An assistant that holds connections until :meth:`aclose`."""
+
+    async def aclose(self) -> None: ...
+
+
 def _assistant(config: GatewayConfig) -> Assistant:
+    """Build the configured assistant backend.
+
+    Raises:
+        ConfigError: the backend is unknown, or the openai API key is unset.
+    """
     if config.assistant == "builtin":
         return BuiltinAssistant(config.latency)
+    if config.assistant == "openai" and config.openai is not None:
+        settings = config.openai
+        key = settings.api_key()
+        if key is None:
+            raise ConfigError(
+                f"--assistant openai needs the API key in ${settings.api_key_env}"
+            )
+        if settings.cleartext_remote:
+            logger.warning(
+                "openai assistant: %s is plain http to a remote host: the API key "
+                "and the questions travel in cleartext; use https",
+                settings.base_url,
+            )
+        return OpenAIAssistant(settings, key)
     raise ConfigError(f"assistant {config.assistant!r} is not available")
+
+
+def _describe(config: GatewayConfig) -> str:
+    """The assistant for the start-up line: its model or latency model."""
+    if config.assistant == "openai" and config.openai is not None:
+        return f"openai ({config.openai.describe()})"
+    return f"{config.assistant} ({config.latency.describe()})"
 
 
 def _store(config: GatewayConfig) -> SqliteStore | RedisStore:
@@ -159,12 +193,15 @@ class CloudGateway:
             except StoreUnavailableError as exc:
                 raise ConfigError(f"{exc}; choose another with --idempotency") from exc
             ledger = await self._open_ledger(stack)
+            assistant = _assistant(config)
+            if isinstance(assistant, _Closable):  # closed after the answers end
+                stack.push_async_callback(assistant.aclose)
             gateway = Gateway(
                 config,
                 keys=keys,
                 registry=registry,
                 store=store,
-                assistant=_assistant(config),
+                assistant=assistant,
                 ledger=ledger,
             )
             self._gateway = gateway
@@ -228,13 +265,12 @@ class CloudGateway:
     def _log_start(self, store: IdempotencyStore, devices: int) -> None:
         config = self.config
         logger.info(
-            "cloud gateway started: kid %d, %d device(s), store %s, assistant %s "
-            "(%s), mqtt %s, ws %s",
+            "cloud gateway started: kid %d, %d device(s), store %s, assistant %s, "
+            "mqtt %s, ws %s",
             KID,
             devices,
             store.description,
-            config.assistant,
-            config.latency.describe(),
+            _describe(config),
             self._mqtt.url if self._mqtt else "off",
             self._ws.url if self._ws else "off",
         )

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from protocol.cloud import DEFAULT_PREFIX
@@ -27,9 +28,11 @@ __all__ = [
     "DEFAULT_IDEMPOTENCY_TTL_S",
     "DEFAULT_LISTEN",
     "GatewayConfig",
+    "OpenAIConfig",
     "StoreSpec",
     "add_arguments",
     "config_from_args",
+    "parse_base_url",
     "parse_listen",
     "parse_store",
 ]
@@ -41,8 +44,18 @@ OUTBOX_MAX_AGE_S: Final = 7 * 86_400.0
 """The phone outbox's age cap (relay.outbox default)."""
 DEFAULT_IDEMPOTENCY_TTL_S: Final = OUTBOX_MAX_AGE_S + 86_400.0
 """Seen message ids are kept this long: the outbox's age cap plus a day of skew."""
-ASSISTANTS: Final = ("builtin",)
+ASSISTANTS: Final = ("builtin", "openai")
+DEFAULT_API_KEY_ENV: Final = "OPENAI_API_KEY"
+DEFAULT_TRANSCRIBE_MODEL: Final = "whisper-1"
+DEFAULT_ASSISTANT_TIMEOUT_S: Final = 30.0
+"""Bound on one answer of the openai assistant: transcription, retries, stream."""
+DEFAULT_MAX_RETRY_WAIT_S: Final = 5.0
+"""Longest wait a ``retry-after`` header may impose before a retry."""
 _TOPIC_LEVEL: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_T = TypeVar("_T")
+_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_MODEL_NAME: Final = re.compile(r"[^\x00-\x20\x7f]{1,256}")
+"""A model name: 1-256 characters, no spaces or control characters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +119,112 @@ def parse_store(spec: str | None) -> StoreSpec:
     return StoreSpec("redis", None, spec)
 
 
+def parse_base_url(url: str) -> str:
+    """Check an OpenAI-compatible API base URL; return it without a final ``/``.
+
+    The URL is ``http(s)://HOST[:PORT][/PATH]``, e.g.
+    ``https://api.openai.com/v1`` or ``http://127.0.0.1:11434/v1``; requests go
+    to ``{base}/chat/completions`` and ``{base}/audio/transcriptions``.
+
+    Raises:
+        ConfigError: another scheme, no host, credentials, a query or a
+            fragment (one line).
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"--base-url {url!r} is malformed") from exc
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(
+            f"--base-url {url!r} must be http:// or https:// "
+            "(e.g. https://api.openai.com/v1)"
+        )
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"--base-url {url!r} must not hold credentials; the API key comes "
+            "from the environment (--api-key-env)"
+        )
+    if not parts.hostname:
+        raise ConfigError(f"--base-url {url!r} has no host")
+    if parts.query or parts.fragment or port == 0 or any(c.isspace() for c in url):
+        raise ConfigError(
+            f"--base-url {url!r}: only scheme, host, port and path are allowed"
+        )
+    return url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIConfig:
+    """The ``openai`` assistant: an OpenAI-compatible endpoint.
+
+    The API key itself is not part of the configuration: it is read from the
+    environment variable ``api_key_env`` when the assistant is built, so it
+    appears in no argv, repr or log.
+
+    Attributes:
+        base_url: The API base, e.g. ``https://api.openai.com/v1``.
+        model: The chat model (``gpt-4o-mini``, ``qwen-plus``, ``llama3.2``).
+        api_key_env: The environment variable that holds the API key.
+        transcribe_model: The model of ``/audio/transcriptions``.
+        timeout_s: Bound on one answer (transcription, retries and stream).
+        max_retry_wait_s: Longest wait before a retry after HTTP 429.
+    """
+
+    base_url: str
+    model: str
+    api_key_env: str = DEFAULT_API_KEY_ENV
+    transcribe_model: str = DEFAULT_TRANSCRIBE_MODEL
+    timeout_s: float = DEFAULT_ASSISTANT_TIMEOUT_S
+    max_retry_wait_s: float = DEFAULT_MAX_RETRY_WAIT_S
+
+    def __post_init__(self) -> None:
+        """Validate offline (the key's presence is checked by the gateway).
+
+        Raises:
+            ConfigError: a field is invalid (one line, naming its flag).
+        """
+        parse_base_url(self.base_url)
+        if not _MODEL_NAME.fullmatch(self.model):
+            raise ConfigError(f"--model {self.model!r} is not a model name")
+        if not _MODEL_NAME.fullmatch(self.transcribe_model):
+            raise ConfigError(
+                f"--transcribe-model {self.transcribe_model!r} is not a model name"
+            )
+        if not _ENV_NAME.fullmatch(self.api_key_env):
+            raise ConfigError(
+                f"--api-key-env {self.api_key_env!r} is not an environment variable "
+                "name (letters, digits and '_')"
+            )
+        if not (math.isfinite(self.timeout_s) and 0 < self.timeout_s <= 3600):
+            raise ConfigError("--timeout must be more than 0 and at most 3600 s")
+        if not (math.isfinite(self.max_retry_wait_s) and self.max_retry_wait_s >= 0):
+            raise ConfigError("--max-retry-wait must be 0 s or more")
+
+    @property
+    def cleartext_remote(self) -> bool:
+        """Whether requests go as plain http to a host other than loopback."""
+        parts = urlsplit(self.base_url)
+        return parts.scheme == "http" and not _is_loopback(parts.hostname or "")
+
+    def api_key(self) -> str | None:
+        """The API key from the environment, or None if unset or empty."""
+        return os.environ.get(self.api_key_env) or None
+
+    def describe(self) -> str:
+        """The backend for logs: model and base URL (it holds no credentials)."""
+        return f"model {self.model} at {parse_base_url(self.base_url)}"
+
+
 def parse_listen(spec: str) -> tuple[str, int]:
     """Parse ``HOST:PORT`` (``[V6]:PORT`` for IPv6) for the WebSocket server.
 
@@ -139,8 +258,9 @@ class GatewayConfig:
         state_dir: The shared state directory (keys, records, SQLite store).
         broker_url: MQTT broker (``mqtt://`` / ``mqtts://``), or None.
         listen: WebSocket ``(host, port)``, or None for no WebSocket server.
-        assistant: The assistant backend (``builtin``).
+        assistant: The assistant backend (``builtin`` or ``openai``).
         latency: The built-in assistant's first-token model.
+        openai: The ``openai`` assistant's endpoint (None for ``builtin``).
         store: The idempotency store.
         ledger: File to append one JSON line per event to, or None.
         device_dirs: Extra directories of device records (``*.json``).
@@ -178,6 +298,7 @@ class GatewayConfig:
     listen: tuple[str, int] | None = None
     assistant: str = "builtin"
     latency: LatencyModel = DEFAULT_LATENCY
+    openai: OpenAIConfig | None = None
     store: StoreSpec = field(default_factory=StoreSpec)
     ledger: Path | None = None
     device_dirs: tuple[Path, ...] = ()
@@ -219,6 +340,15 @@ class GatewayConfig:
             raise ConfigError(
                 f"assistant {self.assistant!r} is not one of {', '.join(ASSISTANTS)}"
             )
+        if self.assistant == "openai":
+            if self.openai is None:
+                raise ConfigError("--assistant openai needs --base-url and --model")
+            if self.openai.api_key() is None:
+                raise ConfigError(
+                    "--assistant openai needs the API key in "
+                    f"${self.openai.api_key_env} (or name another variable with "
+                    "--api-key-env)"
+                )
         if not _TOPIC_LEVEL.fullmatch(self.group):
             raise ConfigError(
                 f"--group {self.group!r}: 1-64 letters, digits, '_', '-' or '.'"
@@ -313,6 +443,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="built-in first-token time: lognormal:MEDIAN:P95, fixed:SECONDS or "
         "none (default: %(default)s)",
     )
+    openai = parser.add_argument_group(
+        "openai assistant",
+        "any OpenAI-compatible endpoint (OpenAI, Qwen via DashScope's compatible "
+        "mode, llama.cpp, Ollama); the API key comes from the environment only",
+    )
+    openai.add_argument(
+        "--base-url",
+        metavar="URL",
+        help="API base, e.g. https://api.openai.com/v1, "
+        "https://dashscope.aliyuncs.com/compatible-mode/v1 or "
+        "http://127.0.0.1:11434/v1",
+    )
+    openai.add_argument("--model", metavar="NAME", help="chat model, e.g. qwen-plus")
+    openai.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help=f"environment variable holding the API key (default: "
+        f"{DEFAULT_API_KEY_ENV})",
+    )
+    openai.add_argument(
+        "--transcribe-model",
+        metavar="NAME",
+        help="speech-to-text model for voice queries (default: "
+        f"{DEFAULT_TRANSCRIBE_MODEL})",
+    )
+    openai.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        help="bound on one answer, retries included (default: "
+        f"{DEFAULT_ASSISTANT_TIMEOUT_S:g})",
+    )
+    openai.add_argument(
+        "--max-retry-wait",
+        metavar="SECONDS",
+        type=float,
+        help="longest wait a retry-after header may impose (default: "
+        f"{DEFAULT_MAX_RETRY_WAIT_S:g})",
+    )
     parser.add_argument(
         "--idempotency",
         metavar="STORE",
@@ -350,6 +519,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _openai_from_args(args: argparse.Namespace) -> OpenAIConfig | None:
+    """The ``openai`` assistant's settings, or None for another assistant.
+
+    Raises:
+        ConfigError: openai flags without ``--assistant openai``, or what
+            ``--assistant openai`` needs is missing (one line naming it all).
+    """
+    flags = {
+        "--base-url": args.base_url,
+        "--model": args.model,
+        "--api-key-env": args.api_key_env,
+        "--transcribe-model": args.transcribe_model,
+        "--timeout": args.timeout,
+        "--max-retry-wait": args.max_retry_wait,
+    }
+    if args.assistant != "openai":
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only with --assistant openai")
+        return None
+    env = _or(args.api_key_env, DEFAULT_API_KEY_ENV)
+    missing = [
+        what
+        for what, value in (
+            ("--base-url URL", args.base_url),
+            ("--model NAME", args.model),
+        )
+        if not value
+    ]
+    if _ENV_NAME.fullmatch(env) and not os.environ.get(env):
+        missing.append(f"the API key in ${env}")
+    if missing:
+        raise ConfigError(f"--assistant openai needs {' and '.join(missing)}")
+    return OpenAIConfig(
+        base_url=args.base_url,
+        model=args.model,
+        api_key_env=env,
+        transcribe_model=_or(args.transcribe_model, DEFAULT_TRANSCRIBE_MODEL),
+        timeout_s=_or(args.timeout, DEFAULT_ASSISTANT_TIMEOUT_S),
+        max_retry_wait_s=_or(args.max_retry_wait, DEFAULT_MAX_RETRY_WAIT_S),
+    )
+
+
+def _or(value: _T | None, default: _T) -> _T:
+    return default if value is None else value
+
+
 def config_from_args(args: argparse.Namespace, state_dir: Path) -> GatewayConfig:
     """Build the configuration from parsed flags.
 
@@ -370,6 +586,7 @@ def config_from_args(args: argparse.Namespace, state_dir: Path) -> GatewayConfig
         listen=listen,
         assistant=args.assistant,
         latency=LatencyModel.parse(args.latency_model),
+        openai=_openai_from_args(args),
         store=parse_store(args.idempotency),
         ledger=Path(args.ledger).expanduser() if args.ledger else None,
         device_dirs=tuple(Path(d).expanduser() for d in args.devices),
