@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime
+import functools
 import logging
 import os
 import random
@@ -45,7 +46,7 @@ from protocol.session import (
     SessionEvent,
 )
 from relay.ble.link import BackendSpec, LinkConfig
-from relay.ble.manager import LinkManager
+from relay.ble.manager import LinkManager, LinkState
 from relay.cloudlink import CloudConfig, CloudLink
 from relay.identity import GatewayKey, PhoneIdentity
 from relay.local.skills import PhoneState, answer
@@ -75,6 +76,8 @@ class DaemonConfig:
 
     state_dir: Path
     link: LinkConfig = field(default_factory=LinkConfig)
+    links: tuple[LinkConfig, ...] = ()
+    """Several links of one device (one per arm); empty: just ``link``."""
     session: SessionConfig = field(default_factory=SessionConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
@@ -175,12 +178,20 @@ class Daemon:
         self.started = time.monotonic()
         self.outbox = outbox
         self._events: asyncio.Queue[SessionEvent] = asyncio.Queue(config.intake_queue)
-        self.link = LinkManager(
-            self.identity,
-            config.link,
-            backend,
-            self._on_link_event,
-            session_config=config.session,
+        # A device profile may hold several links (one per arm): one manager
+        # each, one intake; answers go out on the first link that is up.
+        self.links = [
+            LinkManager(
+                self.identity,
+                link_config,
+                backend,
+                functools.partial(self._on_link_event, index),
+                session_config=config.session,
+            )
+            for index, link_config in enumerate(config.links or (config.link,))
+        ]
+        self._arrived_on: collections.OrderedDict[bytes, int] = (
+            collections.OrderedDict()
         )
         self.cloud = CloudLink(
             self.identity,
@@ -207,15 +218,32 @@ class Daemon:
 
     # -- events from the glasses -----------------------------------------
 
-    def _on_link_event(self, event: SessionEvent) -> None:
+    @property
+    def link(self) -> LinkManager:
+        """The primary link: the first one that is connected (else the first)."""
+        for manager in self.links:
+            if manager.state is LinkState.CONNECTED:
+                return manager
+        return self.links[0]
+
+    def _on_link_event(self, index: int, event: SessionEvent) -> None:
+        if isinstance(event, MessageReceived):
+            self._arrived_on[event.message.message_id] = index
+            while len(self._arrived_on) > self.config.intake_queue:
+                self._arrived_on.popitem(last=False)
         try:
             self._events.put_nowait(event)
         except asyncio.QueueFull:
             self.stats.intake_overflow += 1
             if isinstance(event, MessageReceived):
-                session = self.link.session
+                session = self.links[index].session
                 if session is not None:
                     session.abandon(event.message.message_id)
+
+    def _source(self, message: Message) -> LinkManager:
+        """The link a glasses message arrived on (its ACK goes back there)."""
+        index = self._arrived_on.get(message.message_id)
+        return self.link if index is None else self.links[index]
 
     async def _intake(self) -> None:
         while True:
@@ -228,7 +256,8 @@ class Daemon:
                 _LOGGER.info("glasses session up (session %08x)", event.session_id)
 
     def _ack(self, message: Message) -> None:
-        self.link.acknowledge(message.message_id)
+        self._source(message).acknowledge(message.message_id)
+        self._arrived_on.pop(message.message_id, None)
         self.stats.acked_to_glasses += 1
 
     async def _to_cloud(self, message: Message) -> None:
@@ -252,7 +281,7 @@ class Daemon:
         else:
             # Not durable: do not acknowledge. The glasses keep it and resend.
             self.stats.refused_full += 1
-            session = self.link.session
+            session = self._source(message).session
             if session is not None:
                 session.abandon(message.message_id)
 
@@ -296,7 +325,7 @@ class Daemon:
             uplink_configured=self.cloud.configured,
         )
         decision = decide(request, snapshot, self.config.policy)
-        capture_end = self.link.clock.to_local(request.capture_end_us)
+        capture_end = self._source(message).clock.to_local(request.capture_end_us)
         trace = RequestTrace(
             message.request_id,
             request.kind.name.lower(),
@@ -414,7 +443,9 @@ class Daemon:
         """Run every component until cancelled."""
         restarts = self.stats.restarts
         async with asyncio.TaskGroup() as group:
-            group.create_task(supervise("glasses link", self.link.run, restarts))
+            for index, manager in enumerate(self.links):
+                name = "glasses link" if index == 0 else f"glasses link {index + 1}"
+                group.create_task(supervise(name, manager.run, restarts))
             group.create_task(supervise("intake", self._intake, restarts))
             group.create_task(supervise("cloud", self.cloud.run, restarts))
             group.create_task(
@@ -468,6 +499,9 @@ class Daemon:
                 "clock_offset_ms": None if offset is None else round(offset / 1000, 2),
                 "paired_glasses": len(self.identity.pinned_glasses()),
             },
+            "links": [
+                {"state": m.state.value, "connects": m.connects} for m in self.links
+            ],
             "uplink": {
                 "configured": self.cloud.configured,
                 "state": "none" if uplink is None else uplink.state.value,
