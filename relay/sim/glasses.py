@@ -512,9 +512,12 @@ class GlassesApp:
                 ):
                     self.scenario_done.set()
                     return
+                self.stats.requests += 1
+                if self.config.max_messages is not None:
+                    await self._ask(action)  # counted exactly: one at a time
+                    continue
                 # Requests overlap as a user's do: the next step's delay runs
                 # from the start of this one, not from its end.
-                self.stats.requests += 1
                 task = asyncio.get_running_loop().create_task(self._ask(action))
                 self._asking.add(task)
                 task.add_done_callback(self._asking.discard)

@@ -54,7 +54,13 @@ class Run:
     """The processes of one chaos run, and their ledgers."""
 
     def __init__(
-        self, tmp: Path, broker: Mosquitto, plan: Plan, *, forget: bool
+        self,
+        tmp: Path,
+        broker: Mosquitto,
+        plan: Plan,
+        *,
+        forget: bool,
+        uplink: str = "mqtt",
     ) -> None:
         self.tmp = tmp
         self.state = tmp / "state"
@@ -67,6 +73,8 @@ class Run:
         self.gateway_ledger = tmp / "gateway.jsonl"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.daemon: subprocess.Popen[bytes] | None = None
+        self.uplink = uplink
+        self.ws_port = free_port()
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = (self.tmp / f"{name}.log").open("ab")
@@ -78,11 +86,19 @@ class Run:
         self.procs.append(proc)
         return proc
 
-    def start(self) -> None:
+    def start_gateway(self) -> None:
+        where = (
+            ["--broker", self.broker.url]
+            if self.uplink == "mqtt"
+            else ["--listen", f"127.0.0.1:{self.ws_port}"]
+        )
         self.gateway = self.spawn(
-            "gateway", "cloud", "--broker", self.broker.url,
+            "gateway", "cloud", *where,
             "--ledger", str(self.gateway_ledger), "--latency-model", "fixed:0.05",
         )  # fmt: skip
+
+    def start(self) -> None:
+        self.start_gateway()
         self.sim = self.spawn(
             "sim", "sim", "--hci", f"tcp-server:127.0.0.1:{self.hci_port}",
             "--scenario", "stress", "--profile", "unshaped",
@@ -93,9 +109,14 @@ class Run:
 
     def start_daemon(self) -> None:
         extra = ["--test-forget-on-puback"] if self.forget else []
+        where = (
+            ["--broker", self.broker.url]
+            if self.uplink == "mqtt"
+            else ["--gateway", f"ws://127.0.0.1:{self.ws_port}"]
+        )
         self.daemon = self.spawn(
             "daemon", "run", "--sim", f"tcp-client:127.0.0.1:{self.hci_port}",
-            "--broker", self.broker.url, *extra,
+            *where, *extra,
         )  # fmt: skip
 
     def acked(self) -> set[str]:
@@ -158,10 +179,10 @@ async def wait_until(check, limit: float, what: str, run: Run) -> None:  # type:
     raise AssertionError(f"timed out waiting for {what}: {tails}")
 
 
-async def chaos(tmp: Path, plan: Plan, *, forget: bool) -> Run:
+async def chaos(tmp: Path, plan: Plan, *, forget: bool, uplink: str = "mqtt") -> Run:
     broker = Mosquitto(tmp / "broker")
     await broker.start()
-    run = Run(tmp, broker, plan, forget=forget)
+    run = Run(tmp, broker, plan, forget=forget, uplink=uplink)
     run.start()
     n = plan.messages
     try:
@@ -187,6 +208,11 @@ async def chaos(tmp: Path, plan: Plan, *, forget: bool) -> Run:
                 run.daemon.send_signal(signal.SIGKILL)
                 run.daemon.wait(timeout=10)
                 run.start_daemon()
+            elif uplink == "ws":
+                # The gateway crashes and comes back (WebSocket has no broker).
+                run.gateway.send_signal(signal.SIGKILL)
+                run.gateway.wait(timeout=10)
+                run.start_gateway()
             else:
                 # The gateway stalls, messages pile up in the broker, and the
                 # broker crashes with them: only end-to-end acks notice.
@@ -213,8 +239,8 @@ async def chaos(tmp: Path, plan: Plan, *, forget: bool) -> Run:
         await broker.stop()
 
 
-async def check_no_loss(tmp: Path, plan: Plan) -> None:
-    run = await chaos(tmp, plan, forget=False)
+async def check_no_loss(tmp: Path, plan: Plan, uplink: str = "mqtt") -> None:
+    run = await chaos(tmp, plan, forget=False, uplink=uplink)
     acked = run.acked()
     processed = run.processed()
     assert len(acked) == plan.messages
@@ -252,3 +278,9 @@ async def test_forget_on_puback_control_loses_messages(tmp_path: Path) -> None:
 @pytest.mark.soak
 async def test_chaos_mqtt_full(tmp_path: Path) -> None:
     await check_no_loss(tmp_path, FULL)
+
+
+@pytest.mark.soak
+async def test_chaos_websocket_full(tmp_path: Path) -> None:
+    """The same over WebSocket, with the gateway crashing instead of the broker."""
+    await check_no_loss(tmp_path, FULL, uplink="ws")
