@@ -48,6 +48,7 @@ from protocol.session import (
 from relay.ble.link import BackendSpec, LinkConfig
 from relay.ble.manager import LinkManager, LinkState
 from relay.cloudlink import CloudConfig, CloudLink
+from relay.errors import ConfigError
 from relay.identity import GatewayKey, PhoneIdentity
 from relay.local.skills import PhoneState, answer
 from relay.outbox import Outbox, OutboxConfig, OutboxStats, Priority, PutOutcome
@@ -146,6 +147,11 @@ async def supervise(
         try:
             await component()
         except asyncio.CancelledError:
+            raise
+        except ConfigError as exc:
+            # Permanent (refused credentials, a bad certificate): no restart
+            # can fix it; one line, and the caller stops the daemon.
+            _LOGGER.error("%s: %s", name, exc)  # noqa: TRY400
             raise
         except Exception:
             restarts[name] = restarts.get(name, 0) + 1

@@ -2,7 +2,13 @@
 
 Holds the glasses (a real radio by address or name, or emulated glasses with
 ``--sim``) and relays to the cloud over MQTT or WebSocket. A cloud that is
-down or not configured is not an error: messages wait in the outbox.
+down or not configured is not an error: messages wait in the outbox; a
+permanent uplink error before the first connection (refused credentials or
+certificate) stops the daemon with one line.
+
+Settings come from these flags, ``GLASSES_RELAY_<SECTION>_<KEY>`` variables
+and a TOML file, in that order of precedence (docs/configuration.md);
+``--print-config`` shows the result.
 """
 
 from __future__ import annotations
@@ -10,19 +16,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from relay.errors import ConfigError
+from relay.errors import ConfigError, UplinkConfigError, UplinkError
 from relay.state import ensure_state_dir, resolve_state_dir
 
 if TYPE_CHECKING:
+    from protocol.cloud import Channels
     from protocol.envelope import EnvelopeSuite
     from relay.ble.link import BackendSpec
+    from relay.config import RelayConfig, SimSettings, UplinkSettings
+    from relay.daemon import Daemon
+    from relay.uplink.base import Uplink
 
 __all__ = ["register"]
 
@@ -36,6 +49,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="the daemon: hold the glasses, relay to the cloud",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML configuration file (default: $GLASSES_RELAY_CONFIG, else "
+        "config.toml in the user configuration directory, if it exists)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration as TOML (secrets masked) and exit",
     )
     glasses = parser.add_argument_group("glasses")
     glasses.add_argument(
@@ -51,20 +76,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--name", help="connect to glasses whose name starts with this"
     )
     glasses.add_argument(
-        "--scenario", default="day", help="scenario of in-process emulated glasses"
+        "--scenario", help="scenario of in-process emulated glasses (default: day)"
     )
     glasses.add_argument(
         "--profile",
-        default="android-2m",
-        help="link profile of in-process emulated glasses",
+        help="link profile of in-process emulated glasses (default: android-2m)",
     )
     cloud = parser.add_argument_group("cloud")
     cloud.add_argument(
         "--uplink",
-        choices=("none", "mqtt", "ws"),
+        choices=("auto", "none", "mqtt", "ws"),
         default=None,
-        help="how to reach the cloud (default: mqtt with --broker, ws with --gateway, "
-        "else none: keep everything in the outbox)",
+        help="how to reach the cloud (default auto: mqtt with --broker, ws with "
+        "--gateway, else none: keep everything in the outbox)",
     )
     cloud.add_argument(
         "--broker", metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT"
@@ -105,58 +129,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(handler=_run)
 
 
-def _uplink_kind(args: argparse.Namespace) -> str:
-    if args.uplink is not None:
-        kind: str = args.uplink
-    elif args.broker:
-        kind = "mqtt"
-    elif args.gateway:
-        kind = "ws"
-    else:
-        kind = "none"
-    if kind == "mqtt" and not args.broker:
-        raise ConfigError("--uplink mqtt needs --broker mqtt://HOST:PORT")
-    if kind == "ws" and not args.gateway:
-        raise ConfigError("--uplink ws needs --gateway ws://HOST:PORT")
-    return kind
-
-
 def _run(args: argparse.Namespace) -> int:
-    from relay.uplink import parse_broker_url, parse_gateway_url
+    from relay import log
+    from relay.config import flags_from_args, load_config, render_toml
 
-    kind = _uplink_kind(args)
-    if kind == "mqtt":
-        parse_broker_url(args.broker)
-    elif kind == "ws":
-        parse_gateway_url(args.gateway)
-    if args.ca_file is not None and not args.ca_file.is_file():
-        raise ConfigError(f"--ca-file {args.ca_file}: no such file")
-    password = None
-    if args.password_env:
-        password = os.environ.get(args.password_env)
-        if password is None:
-            raise ConfigError(f"--password-env {args.password_env}: variable not set")
-    if args.sim is not None and args.sim and not args.sim.startswith("tcp-client:"):
-        raise ConfigError(
-            f"--sim {args.sim!r}: expected tcp-client:HOST:PORT or no value"
-        )
+    flags = flags_from_args(vars(args), os.environ)
+    config = load_config(flags, os.environ, args.config)
+    state_dir = resolve_state_dir(args.state_dir)
+    if args.print_config:
+        sys.stdout.write(render_toml(config, state_dir=state_dir))
+        return 0
+    log.configure(config.logging.verbosity)
     from relay.keys import harden_process
 
-    state_dir = ensure_state_dir(resolve_state_dir(args.state_dir))
+    ensure_state_dir(state_dir)
     harden_process()
-    args.suite = _envelope_suite(args.envelope_fallback)
-    return asyncio.run(_main(args, state_dir, kind, password))
+    suite = _envelope_suite(config.uplink.envelope_fallback)
+    return asyncio.run(_main(config, state_dir, suite, args.test_forget_on_puback))
 
 
 def _envelope_suite(fallback: bool) -> EnvelopeSuite:
     """Probe HPKE once at start; refuse or fall back as configured (never plaintext)."""
     from cryptography.hazmat.backends.openssl import backend
 
-    from protocol.envelope import (
-        SuitePolicy,
-        SuiteUnavailableError,
-        choose_suite,
-    )
+    from protocol.envelope import SuitePolicy, SuiteUnavailableError, choose_suite
 
     policy = SuitePolicy.FALLBACK if fallback else SuitePolicy.REQUIRE_HPKE
     try:
@@ -171,76 +167,126 @@ def _envelope_suite(fallback: bool) -> EnvelopeSuite:
     return suite
 
 
-async def _main(
-    args: argparse.Namespace, state_dir: Path, kind: str, password: str | None
-) -> int:
+class _StartWatch:
+    """Catch a permanent uplink error (refused login) before the first connection.
+
+    An unreachable broker is not permanent: the uplink keeps trying, and the
+    messages wait. Once an uplink has connected, nothing more is watched.
+    """
+
+    def __init__(self, on_failure: Callable[[], None]) -> None:
+        self.error: UplinkConfigError | None = None
+        self._on_failure = on_failure
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._connected = False
+
+    def watch(self, uplink: Uplink) -> None:
+        if not self._connected and self.error is None:
+            task = asyncio.get_running_loop().create_task(self._wait(uplink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _wait(self, uplink: Uplink) -> None:
+        try:
+            await uplink.wait_connected()
+        except UplinkConfigError as exc:
+            if self.error is None:
+                self.error = exc
+                self._on_failure()
+        except UplinkError:
+            return  # closed before it connected
+        else:
+            self._connected = True
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _make_uplink(
+    settings: UplinkSettings, daemon: Daemon, channels: Channels
+) -> Uplink:
     from protocol.bodies import Presence
-    from protocol.cloud import Channels
     from protocol.constants import MessageKind
     from protocol.message import Message
-    from relay.ble.link import BackendSpec, LinkConfig
-    from relay.cloudlink import CloudConfig
+    from relay.config import UplinkKind
+    from relay.uplink import MqttConfig, MqttUplink, WsConfig, WsUplink
+
+    pseudonym = channels.up.split("/")[-2]
+    cert, key = settings.client_cert, settings.client_key
+    if settings.kind is UplinkKind.WS:
+        url = settings.url.rstrip("/") + f"/v1/{pseudonym}"
+        return WsUplink(
+            WsConfig(url, ca_file=settings.ca_file, client_cert=cert, client_key=key)
+        )
+    will = daemon.cloud.seal_presence(
+        Message(
+            MessageKind.PRESENCE,
+            os.urandom(16),
+            Presence("offline", int(time.time() * 1e6)).encode(),
+        )
+    )
+    return MqttUplink(
+        MqttConfig(
+            url=settings.url,
+            client_id=f"gr-phone-{pseudonym}",
+            pseudonym=pseudonym,
+            will_payload=will,
+            username=settings.username,
+            password=settings.password,
+            ca_file=settings.ca_file,
+            client_cert=cert,
+            client_key=key,
+        )
+    )
+
+
+async def _main(
+    config: RelayConfig, state_dir: Path, suite: EnvelopeSuite, forget: bool
+) -> int:
+    from relay.ble.link import BackendSpec
+    from relay.config import UplinkKind
     from relay.daemon import Daemon, DaemonConfig
     from relay.identity import GatewayKey
     from relay.outbox import Outbox
     from relay.status import StatusServer
-    from relay.uplink import MqttConfig, MqttUplink, WsConfig, WsUplink
-    from relay.uplink.base import Uplink
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    start_watch = _StartWatch(stop.set)
     async with contextlib.AsyncExitStack() as stack:
-        link_config = LinkConfig(
-            address=args.address,
-            name_prefix=args.name or LinkConfig().name_prefix,
-        )
         backend = BackendSpec()
-        if args.sim is not None:
-            backend = await _sim_backend(args, state_dir, stack)
-        config = DaemonConfig(
+        if config.sim.enabled:
+            backend = await _sim_backend(config.sim, state_dir, stack)
+        daemon_config = DaemonConfig(
             state_dir=state_dir,
-            link=link_config,
-            gateway_key_file=args.gateway_key,
-            suite=args.suite,
-            cloud=CloudConfig(
-                forget_on_puback=args.test_forget_on_puback,
-                announce_presence=kind == "mqtt",
-            ),
+            link=config.link,
+            session=config.session,
+            outbox=config.outbox,
+            cloud=dataclasses.replace(config.cloud, forget_on_puback=forget),
+            policy=config.policy,
+            gateway_key_file=config.uplink.gateway_key,
+            suite=suite,
         )
         ensure_state_dir(state_dir / "phone")
         outbox = await Outbox.open(
-            state_dir / "phone" / "outbox.sqlite3", config.outbox
+            state_dir / "phone" / "outbox.sqlite3", daemon_config.outbox
         )
         stack.push_async_callback(outbox.close)
 
         def make_uplink(key: GatewayKey, channels: Channels) -> Uplink:
-            pseudonym = channels.up.split("/")[-2]
-            if kind == "ws":
-                url = args.gateway.rstrip("/") + f"/v1/{pseudonym}"
-                return WsUplink(WsConfig(url=url, ca_file=args.ca_file))
-            will = daemon.cloud.seal_presence(
-                Message(
-                    MessageKind.PRESENCE,
-                    os.urandom(16),
-                    Presence("offline", int(time.time() * 1e6)).encode(),
-                )
-            )
-            return MqttUplink(
-                MqttConfig(
-                    url=args.broker,
-                    client_id=f"gr-phone-{pseudonym}",
-                    pseudonym=pseudonym,
-                    will_payload=will,
-                    username=args.username,
-                    password=password,
-                    ca_file=args.ca_file,
-                )
-            )
+            uplink = _make_uplink(config.uplink, daemon, channels)
+            start_watch.watch(uplink)
+            return uplink
 
+        kind = config.uplink.kind
         daemon = Daemon(
-            config, backend, None if kind == "none" else make_uplink, outbox=outbox
+            daemon_config,
+            backend,
+            None if kind is UplinkKind.NONE else make_uplink,
+            outbox=outbox,
         )
         _LOGGER.info(
             "daemon up: device %s, uplink %s, state %s",
@@ -249,7 +295,7 @@ async def _main(
             state_dir,
         )
         status = StatusServer(
-            daemon.status, state_dir=state_dir, tcp_port=args.status_port
+            daemon.status, state_dir=state_dir, tcp_port=config.status.port
         )
         await status.start()
         stack.push_async_callback(status.close)
@@ -259,40 +305,38 @@ async def _main(
         waiter.cancel()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            async with asyncio.timeout(config.shutdown_timeout):
+            async with asyncio.timeout(daemon_config.shutdown_timeout):
                 await task
         await daemon.close()
+        start_watch.close()
+    if start_watch.error is not None:
+        raise UplinkConfigError(
+            f"{start_watch.error} (permanent: check the [uplink] settings, e.g. "
+            "uplink.username, uplink.password, uplink.client_cert)"
+        ) from start_watch.error
     _LOGGER.info("daemon stopped")
     return 0
 
 
 async def _sim_backend(
-    args: argparse.Namespace, state_dir: Path, stack: contextlib.AsyncExitStack
+    sim: SimSettings, state_dir: Path, stack: contextlib.AsyncExitStack
 ) -> BackendSpec:
     from relay.sim.bed import connect_backend, in_process
     from relay.sim.glasses import GlassesAppConfig
-    from relay.sim.profiles import PROFILES, get_profile
-    from relay.sim.scenarios import SCENARIOS
+    from relay.sim.profiles import get_profile
 
-    if args.sim:
+    if sim.connect is not None:
         try:
-            adapter, backend = await connect_backend(args.sim)
+            adapter, backend = await connect_backend(sim.connect)
         except OSError as exc:
             raise ConfigError(
-                f"--sim {args.sim}: nothing listens there ({exc})"
+                f"glasses.sim {sim.connect}: nothing listens there ({exc})"
             ) from None
         stack.push_async_callback(adapter.close)
         return backend
-    if args.scenario not in SCENARIOS and args.scenario != "none":
-        raise ConfigError(
-            f"--scenario {args.scenario!r}: one of {', '.join(SCENARIOS)}, none"
-        )
-    if args.profile not in PROFILES:
-        raise ConfigError(f"--profile {args.profile!r}: one of {', '.join(PROFILES)}")
-    scenario = None if args.scenario == "none" else args.scenario
     bed = await stack.enter_async_context(
         in_process(
-            state_dir, get_profile(args.profile), GlassesAppConfig(scenario=scenario)
+            state_dir, get_profile(sim.profile), GlassesAppConfig(scenario=sim.scenario)
         )
     )
     return bed.backend
