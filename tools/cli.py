@@ -40,6 +40,7 @@ _SUBCOMMANDS: Final[tuple[str, ...]] = (
     "sim",
     "cloud",
     "pair",
+    "replay",
     "bench",
 )
 """Modules under ``tools`` that provide ``register(sub)``, in --help order."""
