@@ -265,10 +265,12 @@ async def check_no_loss(tmp: Path, plan: Plan, uplink: str = "mqtt") -> None:
     )
 
 
+@pytest.mark.timeout(400)
 async def test_chaos_mqtt_small(tmp_path: Path) -> None:
     await check_no_loss(tmp_path, SMALL)
 
 
+@pytest.mark.timeout(400)
 async def test_forget_on_puback_control_loses_messages(tmp_path: Path) -> None:
     run = await chaos(tmp_path, SMALL, forget=True)
     lost = run.acked() - set(run.processed())
@@ -276,11 +278,13 @@ async def test_forget_on_puback_control_loses_messages(tmp_path: Path) -> None:
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(3600)
 async def test_chaos_mqtt_full(tmp_path: Path) -> None:
     await check_no_loss(tmp_path, FULL)
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(3600)
 async def test_chaos_websocket_full(tmp_path: Path) -> None:
     """The same over WebSocket, with the gateway crashing instead of the broker."""
     await check_no_loss(tmp_path, FULL, uplink="ws")

@@ -16,6 +16,7 @@ import os
 import resource
 from pathlib import Path
 
+import pytest
 from servers import Mosquitto
 
 from protocol.bodies import AudioChunk, Telemetry
@@ -57,6 +58,7 @@ def rss_mb() -> float:
     return pages * resource.getpagesize() / 1e6
 
 
+@pytest.mark.timeout(300)
 async def test_uplink_down_for_ten_minutes(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)

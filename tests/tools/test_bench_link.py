@@ -28,7 +28,7 @@ SCRIPT = Path(sys.executable).parent / "glasses-relay"
 
 @pytest.mark.parametrize("profile", sorted(TABLE))
 async def test_every_profile_delivers_everything_in_order(profile: str) -> None:
-    result = await run_link_bench(PROFILES[profile], duration=2.0)
+    result = await run_link_bench(PROFILES[profile], duration=1.5)
     assert abs(result.ceiling_bytes_per_s - TABLE[profile]) <= 0.01 * TABLE[profile]
     assert result.lost == 0
     assert result.reordered == 0

@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import aiomqtt
+import pytest
 from servers import Mosquitto
 
 from relay.sim.scenarios import _DAY_SCRIPT, Ask
@@ -20,7 +21,7 @@ FIELDS = ("id", "kind", "route", "response_ms", "within_budget")
 
 def check_summary(summary: dict) -> None:  # type: ignore[type-arg]
     requests = summary["requests"]
-    assert len(requests) >= 5
+    assert len(requests) >= 4
     for item in requests:
         for key in FIELDS:
             assert key in item, key
@@ -32,10 +33,11 @@ def check_summary(summary: dict) -> None:  # type: ignore[type-arg]
     assert summary["assistant_latency_model"].startswith("lognormal")
 
 
+@pytest.mark.timeout(180)
 def test_demo_over_websocket(tmp_path: Path) -> None:
     out = subprocess.run(
         [str(SCRIPT), "--state-dir", str(tmp_path / "state"), "demo",
-         "--duration", "20", "--json"],
+         "--duration", "12", "--json"],
         capture_output=True, text=True, check=False, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -62,6 +64,7 @@ def plaintexts() -> list[bytes]:
     return words
 
 
+@pytest.mark.timeout(180)
 async def test_demo_over_mqtt_shows_the_broker_only_sealed_envelopes(
     tmp_path: Path,
 ) -> None:
@@ -82,7 +85,7 @@ async def test_demo_over_mqtt_shows_the_broker_only_sealed_envelopes(
             collector = asyncio.create_task(collect())
             demo = await asyncio.create_subprocess_exec(
                 str(SCRIPT), "--state-dir", str(tmp_path / "state"), "demo",
-                "--duration", "20", "--uplink", "mqtt", "--broker", broker.url,
+                "--duration", "12", "--uplink", "mqtt", "--broker", broker.url,
                 "--json",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
