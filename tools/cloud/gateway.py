@@ -21,9 +21,12 @@ admits the previous one, and for each uplink envelope:
    ``ack_delay_s``, signed (:func:`protocol.envelope.sign_ack`, sequence
    increasing) and sent down.
 
-Answers stream down piece by piece as RESPONSE_TEXT downlink envelopes, kept
-by a :class:`~tools.cloud.downlink.DownlinkTracker` until the phone's ACK and
-resent on its timer, or at once when the device comes back.
+Answers stream down piece by piece as RESPONSE_TEXT downlink envelopes
+(:class:`~tools.cloud.downlink.Answers`), kept until the phone's ACK and
+resent on a timer, or at once when the device comes back.
+
+Answers are durable and exactly-once in effect across restarts and
+take-overs by other gateways: see :mod:`tools.cloud.downlink`.
 """
 
 from __future__ import annotations
@@ -31,9 +34,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol
 
@@ -43,30 +45,27 @@ from protocol.bodies import (
     PhotoChunk,
     Presence,
     Request,
-    ResponseText,
 )
-from protocol.cloud import MAX_BATCH_ITEMS, decode_batch, encode_batch
+from protocol.cloud import decode_batch, encode_batch
 from protocol.constants import MessageFlags, MessageKind
 from protocol.envelope import (
     MAX_ACK_IDS,
     GatewayKeys,
     UnknownKeyIdError,
     open_uplink,
-    seal_downlink,
     sign_ack,
 )
 from protocol.errors import RemoteProtocolError
 from protocol.message import Message, decode_messages
 from tools.cloud.assistant import AssembledRequest, Assistant
 from tools.cloud.config import GatewayConfig
-from tools.cloud.downlink import DownlinkTracker
+from tools.cloud.downlink import Answers, DownlinkTracker, assembled_request
 from tools.cloud.keys import KID
 from tools.cloud.ledger import Ledger
 from tools.cloud.registry import DeviceRegistry, KnownDevice
 from tools.cloud.stats import GatewayStats
 from tools.cloud.store import (
     Admission,
-    Assembled,
     Entry,
     IdempotencyStore,
     Outcome,
@@ -81,9 +80,6 @@ logger = logging.getLogger(__name__)
 
 Channel = Literal["up", "presence"]
 DROP_LOG_EVERY_S: Final = 10.0
-APOLOGY: Final = "Sorry, I cannot answer that right now."
-_BACKLOG_PER_SLOT: Final = 4
-"""Answers waiting for a slot, per slot, before the worker waits too."""
 _OPENED_BATCHES: Final = 2
 """Opened batches waiting for admission (the pipeline's depth)."""
 _CHUNK_KINDS: Final = {
@@ -137,7 +133,6 @@ class _Pending:
     device: KnownDevice
     message: Message
     refused: bool = False
-    direct: AssembledRequest | None = None
 
 
 @dataclass(slots=True)
@@ -148,20 +143,6 @@ class _OpenResult:
     drops: collections.Counter[str] = field(default_factory=collections.Counter)
     heard: list[tuple[KnownDevice, str]] = field(default_factory=list)
     opened: int = 0
-
-
-class _End:
-    """The assistant's stream ended."""
-
-
-_END: Final = _End()
-
-
-async def _next(stream: AsyncIterator[str]) -> str | _End:
-    try:
-        return await anext(stream)
-    except StopAsyncIteration:
-        return _END
 
 
 class Gateway:
@@ -194,7 +175,6 @@ class Gateway:
         self._key_map = {KID: keys}
         self._registry = registry
         self._store = store
-        self._assistant = assistant
         self._ledger = ledger
         self._clock = clock
         self.stats = GatewayStats()
@@ -204,23 +184,24 @@ class Gateway:
         self._acks: dict[str, tuple[KnownDevice, list[bytes]]] = {}
         self._ack_ready = asyncio.Event()
         self._ack_sequence = 0
-        self._tracker = DownlinkTracker(
-            initial_s=config.resend_initial_s,
-            cap_s=config.resend_cap_s,
-            ttl_s=config.downlink_ttl_s,
-            max_per_device=config.max_pending_downlink,
+        self._answers = Answers(
+            config,
+            keys=keys,
+            registry=registry,
+            store=store,
+            assistant=assistant,
+            ledger=ledger,
+            stats=self.stats,
+            send=self._send_down,
+            paused=self._paused,
+            clock=clock,
         )
-        self._resend_wake = asyncio.Event()
-        self._answer_slots = asyncio.Semaphore(config.max_answers)
-        self._answer_backlog = asyncio.Semaphore(_BACKLOG_PER_SLOT * config.max_answers)
-        self._answering: dict[tuple[str, int], asyncio.Task[None]] = {}
-        self._group: asyncio.TaskGroup | None = None
         self._drop_logged: dict[str, float] = {}
 
     @property
     def tracker(self) -> DownlinkTracker:
         """Answer pieces awaiting the phone's ACK."""
-        return self._tracker
+        return self._answers.tracker
 
     def attach(self, sink: DownlinkSink) -> None:
         """Add a transport for downlinks (before :meth:`run`)."""
@@ -241,17 +222,16 @@ class Gateway:
         if online:
             state.online = True
             state.route = via
-            self._kick(pseudonym)
+            self._answers.device_back(pseudonym, steal=True)  # only we reach it
         elif state.route == via:
             state.online = False
 
     async def run(self) -> None:
-        """Run the worker, the acknowledger and the resend timer until cancelled."""
+        """Run the worker, the acknowledger and the answers until cancelled."""
         async with asyncio.TaskGroup() as group:
-            self._group = group
             group.create_task(self._work_loop(), name="gateway-worker")
             group.create_task(self._ack_loop(), name="gateway-acks")
-            group.create_task(self._resend_loop(), name="gateway-resends")
+            group.create_task(self._answers.run(), name="gateway-answers")
 
     # -- uplink -------------------------------------------------------------------
 
@@ -383,7 +363,7 @@ class Gateway:
         state.route = via
         if silent or state.online is False:
             state.online = True
-            self._kick(device.pseudonym)
+            self._answers.device_back(device.pseudonym, steal=False)
 
     def _on_phone_ack(
         self,
@@ -396,7 +376,7 @@ class Gateway:
         except RemoteProtocolError:
             self._drop("bad_message")
             return
-        self.stats.downlink_acked += self._tracker.acked(device.pseudonym, ids)
+        self._answers.acked(device.pseudonym, ids)
         shared.setdefault(device.pseudonym, (device, []))[1].extend(ids)
 
     async def _share_phone_acks(
@@ -418,11 +398,9 @@ class Gateway:
             if message.kind is MessageKind.REQUEST:
                 request = Request.decode(message.body)
                 alone = request.size == 0
-                if rid == 0 and alone:
-                    item.direct = AssembledRequest(message.message_id, 0, request)
-                elif rid == 0:
+                if rid == 0 and not alone:
                     item.refused = True
-                else:
+                else:  # alone: complete at once (and owed, like any other)
                     data = message.message_id + message.body
                     part = Part(rid, PartKind.REQUEST, -1, data, alone)
             elif (kind := _CHUNK_KINDS.get(message.kind)) is not None:
@@ -444,21 +422,25 @@ class Gateway:
     async def _admit(self, pending: list[_Pending]) -> None:
         entries = [self._entry(item) for item in pending]
         try:
-            verdicts = await self._store.admit(entries)
+            verdicts = await self._store.admit(entries, owner=self._answers.owner)
         except StoreUnavailableError as exc:
             self._drop("store_unavailable", len(entries))
             logger.debug("store unavailable: %s", exc)
             return
         new_ids: list[bytes] = []
         answers: list[tuple[KnownDevice, AssembledRequest]] = []
+        cancels: list[tuple[KnownDevice, int]] = []
         for item, verdict in zip(pending, verdicts, strict=True):
             if verdict.outcome is Outcome.DUPLICATE:
                 self.stats.duplicates += 1
             else:
                 self.stats.processed += 1
                 new_ids.append(item.message.message_id)
-                if (complete := self._process_new(item, verdict)) is not None:
+                complete = self._process_new(item, verdict, cancels)
+                if complete is not None:
                     answers.append((item.device, complete))
+        for device, request_id in cancels:
+            await self._answers.cancel(device, request_id)
         if self._ledger is not None:
             await self._ledger.record("processed", new_ids)
         # Only now, after the ledger line: acknowledge new ids and duplicates.
@@ -466,10 +448,13 @@ class Gateway:
             self._queue_ack(item.device, item.message.message_id)
         self._ack_ready.set()
         for device, request in answers:
-            await self._start_answer(device, request)
+            await self._answers.start(device, request)
 
     def _process_new(
-        self, item: _Pending, verdict: Admission
+        self,
+        item: _Pending,
+        verdict: Admission,
+        cancels: list[tuple[KnownDevice, int]],
     ) -> AssembledRequest | None:
         """Process a new message; return the request it completed, if any."""
         if item.refused or verdict.outcome is Outcome.REFUSED:
@@ -478,14 +463,12 @@ class Gateway:
         message = item.message
         if message.kind is MessageKind.PRESENCE:
             self._on_presence(item.device, Presence.decode(message.body))
-        elif message.kind is MessageKind.CANCEL:
-            task = self._answering.get((item.device.pseudonym, message.request_id))
-            if task is not None:
-                task.cancel()
+        elif message.kind is MessageKind.CANCEL and message.request_id:
+            cancels.append((item.device, message.request_id))
         if verdict.assembled is None:
-            return item.direct
+            return None
         try:
-            return self._request(verdict.assembled)
+            return assembled_request(verdict.assembled)
         except RemoteProtocolError:
             self.stats.refused += 1
             return None
@@ -501,7 +484,7 @@ class Gateway:
         self.stats.presence_updates += 1
         logger.info("device %s is %s", device.pseudonym, presence.state)
         if state.online:
-            self._kick(device.pseudonym)
+            self._answers.device_back(device.pseudonym, steal=False)
 
     # -- acknowledgements ---------------------------------------------------------
 
@@ -552,174 +535,5 @@ class Gateway:
                 return True
         return False
 
-    # -- answers ----------------------------------------------------------------
-
-    def _request(self, assembled: Assembled) -> AssembledRequest:
-        return AssembledRequest(
-            assembled.message_id,
-            assembled.request_id,
-            Request.decode(assembled.body),
-            audio=assembled.media if assembled.media_kind is PartKind.AUDIO else b"",
-            photo=assembled.media if assembled.media_kind is PartKind.PHOTO else b"",
-        )
-
-    async def _start_answer(
-        self, device: KnownDevice, request: AssembledRequest
-    ) -> None:
-        """Start answering; waits while ``4 * max_answers`` answers are pending."""
-        if self._group is None:
-            raise RuntimeError("gateway not running")
-        await self._answer_backlog.acquire()
-        key = (device.pseudonym, request.request_id)
-        task = self._group.create_task(
-            self._answer(device, request), name=f"answer-{device.pseudonym}"
-        )
-        task.add_done_callback(lambda _: self._answer_backlog.release())
-        if request.request_id:
-            self._answering[key] = task
-            task.add_done_callback(lambda done: self._forget_answer(key, done))
-
-    def _forget_answer(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
-        if self._answering.get(key) is task:
-            del self._answering[key]
-
-    async def _answer(self, device: KnownDevice, request: AssembledRequest) -> None:
-        """Stream the assistant's answer down; the last piece carries FINAL.
-
-        Each piece is held up to ``answer_hold_s`` for the next one, so that
-        the piece the stream ends after can be marked FINAL; if the stream
-        ends later than that, an empty FINAL piece closes the answer.
-        """
-        async with self._answer_slots:
-            stream = self._assistant.answer(request)
-            held: str | None = None
-            seq = 0
-            failed = False
-            try:
-                while True:
-                    step = asyncio.create_task(_next(stream))
-                    try:
-                        if held is not None and not await self._within_hold(step):
-                            await self._send_piece(device, request, seq, held)
-                            seq, held = seq + 1, None
-                        try:
-                            piece = await step
-                        except Exception:  # noqa: BLE001 - the backend failed: apologise
-                            failed, piece = True, _END
-                    finally:
-                        if not step.done():
-                            step.cancel()
-                            await asyncio.wait((step,))
-                    if isinstance(piece, _End):
-                        break
-                    if held is not None:
-                        await self._send_piece(device, request, seq, held)
-                        seq += 1
-                    held = piece
-            finally:
-                closer = getattr(stream, "aclose", None)
-                if closer is not None:
-                    await closer()
-            if failed:
-                self.stats.assistant_errors += 1
-                logger.warning(
-                    "assistant %s failed on a request from %s",
-                    self._assistant.name,
-                    device.pseudonym,
-                )
-                if held is not None:
-                    await self._send_piece(device, request, seq, held)
-                    seq += 1
-                held = APOLOGY
-            elif held is None and seq == 0:
-                held = APOLOGY
-            await self._send_piece(device, request, seq, held or "", final=True)
-        self.stats.responses += 1
-        if self._ledger is not None:
-            await self._ledger.record("response", [request.message_id])
-
-    async def _within_hold(self, step: asyncio.Task[str | _End]) -> bool:
-        """Whether the next piece arrives within the hold time."""
-        done, _ = await asyncio.wait((step,), timeout=self._config.answer_hold_s)
-        return bool(done)
-
-    async def _send_piece(
-        self,
-        device: KnownDevice,
-        request: AssembledRequest,
-        seq: int,
-        text: str,
-        *,
-        final: bool = False,
-    ) -> None:
-        flags = MessageFlags.RELIABLE
-        if final:
-            flags |= MessageFlags.FINAL
-        message = Message(
-            MessageKind.RESPONSE_TEXT,
-            os.urandom(16),
-            ResponseText(seq, text, route="cloud").encode(),
-            flags,
-            request.request_id,
-        )
-        envelope = seal_downlink(
-            message.encode(),
-            topic=device.channels.down,
-            device_id=device.device_id,
-            kid=KID,
-            gateway=self._keys,
-            device=device.public,
-        )
-        tracker = self._tracker
-        tracker.track(device.pseudonym, message.message_id, envelope, self._clock())
-        self.stats.downlink_dropped = tracker.dropped_overflow + tracker.dropped_expired
-        self._resend_wake.set()
-        self.stats.pieces_sent += 1
-        await self._send_down(device, encode_batch([envelope]))
-
-    # -- resends ------------------------------------------------------------------
-
-    def _kick(self, pseudonym: str) -> None:
-        if self._tracker.kick(pseudonym, self._clock()):
-            self._resend_wake.set()
-
     def _paused(self, pseudonym: str) -> bool:
         return self._state(pseudonym).online is False
-
-    async def _resend_loop(self) -> None:
-        while True:
-            self._resend_wake.clear()
-            due = self._tracker.next_due()
-            delay = None if due is None else max(0.0, due - self._clock())
-            try:
-                async with asyncio.timeout(delay):
-                    await self._resend_wake.wait()
-                continue
-            except TimeoutError:
-                pass
-            tracker = self._tracker
-            batches = tracker.take_due(self._clock(), paused=self._paused)
-            self.stats.downlink_dropped = (
-                tracker.dropped_overflow + tracker.dropped_expired
-            )
-            async with asyncio.TaskGroup() as group:
-                for pseudonym, pieces in batches.items():
-                    group.create_task(self._resend(pseudonym, pieces))
-
-    async def _resend(self, pseudonym: str, pieces: list[tuple[bytes, bytes]]) -> None:
-        device = self._registry.get(pseudonym)
-        if device is None:
-            return
-        try:
-            acked = await self._store.downlink_acked(
-                device.device_id, [mid for mid, _ in pieces]
-            )
-        except StoreUnavailableError:
-            acked = set()
-        if acked:
-            self.stats.downlink_acked += self._tracker.acked(pseudonym, acked)
-        envelopes = [envelope for mid, envelope in pieces if mid not in acked]
-        for start in range(0, len(envelopes), MAX_BATCH_ITEMS):
-            part = envelopes[start : start + MAX_BATCH_ITEMS]
-            if await self._send_down(device, encode_batch(part)):
-                self.stats.resends += len(part)

@@ -8,7 +8,9 @@
 ``processed`` is written once per message id, after de-duplication (only the
 gateway whose set-if-absent won writes it); ``response`` once per request,
 keyed by the REQUEST's message id, when the answer's last piece first went
-down. ``t`` is wall-clock seconds, comparable across processes. Lines are
+down (the gateway that sent it, or that took the answer over, claims the
+line in the store with a set-if-absent, so restarts and take-overs write it
+once). ``t`` is wall-clock seconds, comparable across processes. Lines are
 appended and flushed as written (in a worker thread, in order); a process
 killed between recording a message and writing its line loses the line, never
 duplicates it. Ids are random; nothing else from a message is written.
