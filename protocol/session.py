@@ -27,6 +27,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
 from protocol.bodies import Ack, Heartbeat
 from protocol.constants import (
     DEFAULT_LIMITS,
@@ -107,6 +115,15 @@ class Identity:
     def __repr__(self) -> str:
         """Never show the private key."""
         return f"Identity(public={self.public.hex()[:16]}...)"
+
+    @classmethod
+    def generate(cls) -> Identity:
+        """A fresh key pair (tests, tools; the daemon keeps its keys on disk)."""
+        key = X25519PrivateKey.generate()
+        return cls(
+            key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+            key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,25 +81,8 @@ class SessionTarget:
 
     def __init__(self) -> None:
         """Create the keys once; sessions are cheap enough to replace."""
-        from cryptography.hazmat.primitives.asymmetric.x25519 import (
-            X25519PrivateKey,
-        )
-        from cryptography.hazmat.primitives.serialization import (
-            Encoding,
-            NoEncryption,
-            PrivateFormat,
-            PublicFormat,
-        )
-
-        def identity() -> Identity:
-            key = X25519PrivateKey.generate()
-            return Identity(
-                key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
-                key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
-            )
-
-        self._glasses = identity()
-        self._phone = identity()
+        self._glasses = Identity.generate()
+        self._phone = Identity.generate()
         self._policy = PeerPolicy(pinned=frozenset({self._phone.public}))
         phone = Session(
             Role.PHONE,

@@ -6,13 +6,6 @@ import os
 import random
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    PublicFormat,
-)
 
 from protocol.bodies import Telemetry
 from protocol.constants import MessageFlags, MessageKind
@@ -33,11 +26,7 @@ from protocol.session import (
 
 
 def make_identity() -> Identity:
-    key = X25519PrivateKey.generate()
-    return Identity(
-        key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
-        key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
-    )
+    return Identity.generate()
 
 
 PHONE = make_identity()

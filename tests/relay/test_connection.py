@@ -6,13 +6,6 @@ import asyncio
 import os
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    PublicFormat,
-)
 
 from protocol.bodies import Telemetry
 from protocol.constants import MessageFlags, MessageKind
@@ -36,11 +29,7 @@ from relay.errors import LinkError
 
 
 def identity() -> Identity:
-    key = X25519PrivateKey.generate()
-    return Identity(
-        key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
-        key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
-    )
+    return Identity.generate()
 
 
 PHONE, GLASSES = identity(), identity()
