@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.stderr.write(f"fuzzing {args.target} for {args.seconds} s\n")
     started = time.monotonic()
+    atheris.instrument_all()  # coverage guidance for our code and its libraries
     atheris.Setup(
         [sys.argv[0], f"-max_total_time={args.seconds}", "-print_final_stats=1"],
         target,
