@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from relay.errors import ConfigError
 from relay.sim.profiles import PROFILES, get_profile
@@ -50,6 +51,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     link.add_argument("--json", action="store_true", help="print one JSON object")
     link.set_defaults(handler=_run_link)
+    _register_throughput(kinds)
+    _register_soak(kinds)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -90,3 +93,137 @@ def _run_link(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result.to_json())
     return 0
+
+
+# -- throughput and soak ---------------------------------------------------------
+
+_E2E_PROFILES = sorted(PROFILES)
+
+
+def _add_cloud_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--uplink", default="mqtt", choices=("mqtt", "ws"), help="uplink (default mqtt)"
+    )
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="with --uplink mqtt: this broker (default: a private mosquitto on a "
+        "free loopback port); the bench still runs its own gateway on it",
+    )
+    parser.add_argument(
+        "--gateway",
+        metavar="URL",
+        help="with --uplink ws: a running gateway (ws://HOST:PORT) instead of the "
+        "bench's own; needs --gateway-state and --gateway-ledger",
+    )
+    parser.add_argument(
+        "--gateway-state",
+        type=Path,
+        metavar="DIR",
+        help="the --state-dir of that gateway (its key is read, the bench's "
+        "device record written there)",
+    )
+    parser.add_argument(
+        "--gateway-ledger",
+        type=Path,
+        metavar="FILE",
+        help="the --ledger file of that gateway",
+    )
+    parser.add_argument(
+        "--message-bytes",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="application payload per message (default 4096, a photo chunk; "
+        "186 makes each message one 244-byte notification)",
+    )
+    parser.add_argument(
+        "--cprofile",
+        type=Path,
+        metavar="DIR",
+        help="write cProfile statistics of each daemon to DIR (.prof and .txt); "
+        "slows the daemon down, so such a run's figures are not comparable",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _register_throughput(
+    kinds: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    parser = kinds.add_parser(
+        "throughput",
+        help="the whole relay at full load: goodput, CPU, latency, loss; vs naive",
+        description="Saturate the relay and measure it over a steady-state window "
+        "(connect, discovery, handshake and a warm-up are not timed), once as "
+        "shipped and once as a naive relay (one envelope per publish, one outbox "
+        "commit per message) on the same input. e2e: emulated glasses, daemon and "
+        "gateway each in their own process, through a link profile. pipeline: "
+        "records sealed beforehand are handed to the daemon's BLE seam as fast as "
+        "it takes them, to find its own ceiling per uplink.",
+    )
+    parser.add_argument(
+        "--mode", default="e2e", choices=("e2e", "pipeline"), help="default e2e"
+    )
+    parser.add_argument(
+        "--profile",
+        choices=_E2E_PROFILES,
+        help="link profile (e2e: default android-2m; pipeline: only sets the "
+        "notification size, default 244 bytes)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=30.0,
+        help="timed seconds per relay (default 30)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="seconds of full load before timing (default 2)",
+    )
+    _add_cloud_arguments(parser)
+    parser.set_defaults(handler=_run_throughput)
+
+
+def _register_soak(kinds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = kinds.add_parser(
+        "soak",
+        help="e2e at a profile's full rate for a long time: memory, fds, tasks, loss",
+        description="The e2e throughput run, shipped relay only, held for "
+        "--duration seconds: memory (RSS and its growth), open file descriptors, "
+        "threads and asyncio tasks at the start and end of the window, and loss.",
+    )
+    parser.add_argument(
+        "--profile", default="android-2m", choices=_E2E_PROFILES, help="link profile"
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=1800.0,
+        help="timed seconds (default 1800)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=10.0,
+        help="seconds of full load before the start figures (default 10)",
+    )
+    _add_cloud_arguments(parser)
+    parser.set_defaults(handler=_run_soak)
+
+
+def _run_throughput(args: argparse.Namespace) -> int:
+    from tools.bench.throughput import run_cli
+
+    if not 1.0 <= args.duration <= 3600.0:
+        raise ConfigError(f"--duration {args.duration:g}: use 1 to 3600 seconds")
+    return run_cli(args, args.mode)
+
+
+def _run_soak(args: argparse.Namespace) -> int:
+    from tools.bench.throughput import run_cli
+
+    if not 10.0 <= args.duration <= 86400.0:
+        raise ConfigError(f"--duration {args.duration:g}: use 10 to 86400 seconds")
+    return run_cli(args, "soak")

@@ -1,0 +1,127 @@
+"""``glasses-relay bench throughput``: runs, reports the fields, loses nothing.
+
+Speed is never gated here (a noisy 2-core CI box); the measured figures live in
+docs/benchmarks.md with the commands that produced them. Each test is one
+short invocation, which runs the shipped relay and the naive one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tools.bench.throughput import _Sent, _Tally, _Window
+
+SCRIPT = Path(sys.executable).parent / "glasses-relay"
+FIELDS = (
+    "mode", "profile", "uplink", "goodput_bytes_per_s", "ceiling_bytes_per_s",
+    "goodput_ratio", "link_efficiency", "cpu_fraction", "cpu_s_per_mb",
+    "added_latency_ms", "peak_rss_mb", "lost", "duplicated", "reordered",
+    "encryption", "outbox_sync",
+)  # fmt: skip
+
+
+def run_bench(*args: str) -> tuple[dict[str, Any], str]:
+    out = subprocess.run(
+        [str(SCRIPT), "bench", "throughput", "--json", *args],
+        capture_output=True, text=True, check=False, timeout=55,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout), out.stderr
+
+
+def check_relay(figures: dict[str, Any]) -> None:
+    for key in FIELDS[3:14]:
+        assert key in figures, key
+    assert figures["lost"] == 0
+    assert figures["duplicated"] == 0
+    assert figures["reordered"] == 0
+    assert figures["queued_at_end"] == 0
+    assert figures["goodput_ratio"] == 1.0
+    assert isinstance(figures["goodput_bytes_per_s"], float)
+    assert figures["goodput_bytes_per_s"] > 0
+    assert isinstance(figures["cpu_fraction"], float)
+    assert 0 < figures["cpu_fraction"] < 2.0
+    latency = figures["added_latency_ms"]
+    assert isinstance(latency, dict)
+    assert set(latency) >= {"p50", "p99"}
+    assert 0 < latency["p50"] <= latency["p99"]
+
+
+def test_pipeline_reports_both_relays_and_loses_nothing() -> None:
+    result, stderr = run_bench(
+        "--mode", "pipeline", "--uplink", "ws", "--duration", "3", "--warmup", "1"
+    )
+    for key in FIELDS:
+        assert key in result, key
+    assert result["mode"] == "pipeline"
+    assert result["profile"] is None
+    assert result["ceiling_bytes_per_s"] == pytest.approx(162_666.7, abs=1)
+    assert isinstance(result["ceiling_multiple"], float)
+    check_relay(result)
+    naive = result["naive"]
+    assert isinstance(naive, dict)
+    check_relay(naive)
+    assert naive["settings"]["cloud.batch_items"] == 1
+    assert result["settings"]["cloud.batch_items"] == 64
+    assert result["outbox_sync"] == "NORMAL"
+    assert set(result["batched_over_naive"]) == {
+        "goodput",
+        "bytes_per_cpu_s",
+        "cpu_s_per_mb",
+    }
+    assert "goodput" in stderr  # the table for people goes to stderr
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
+def test_e2e_through_processes_loses_nothing() -> None:
+    result, _ = run_bench(
+        "--mode", "e2e", "--profile", "android-2m", "--duration", "5",
+        "--warmup", "1",
+    )  # fmt: skip
+    assert result["mode"] == "e2e"
+    assert result["profile"] == "android-2m"
+    assert result["uplink"] == "mqtt"
+    check_relay(result)
+    assert isinstance(result["naive"], dict)
+    check_relay(result["naive"])
+    link_efficiency = result["link_efficiency"]
+    assert isinstance(link_efficiency, float)
+    assert 0 < link_efficiency <= 1.0
+    assert result["bt_host_share"] is None or 0 <= result["bt_host_share"] <= 1
+
+
+def test_bad_arguments_are_one_line() -> None:
+    out = subprocess.run(
+        [str(SCRIPT), "bench", "throughput", "--uplink", "ws", "--broker",
+         "mqtt://127.0.0.1:1"],
+        capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0
+    assert "--broker" in out.stderr
+
+
+def test_tally_counts_loss_duplicates_and_reordering() -> None:
+    sent = {f"m{i}": _Sent(i, 100, 10.0 + i * 0.01) for i in range(5)}
+    ledger = [
+        ("m0", 10.02),
+        ("m2", 10.05),
+        ("m1", 10.06),  # after m2: reordered
+        ("m2", 10.07),  # processed twice
+        ("m9", 10.08),  # not ours
+    ]
+    tally = _Tally.count(sent, ledger, _Window(10.0, 10.1))
+    assert tally.offered == 5
+    assert tally.delivered == 3
+    assert tally.lost == 2
+    assert tally.duplicated == 1
+    assert tally.reordered == 1
+    assert tally.bytes_delivered == 300
+    assert tally.latency_ms()["p50"] == pytest.approx(30.0, abs=0.01)
