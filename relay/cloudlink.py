@@ -65,6 +65,9 @@ class CloudConfig:
             doubles with each attempt up to ``resend_cap``.
         resend_cap: Longest resend delay.
         key_poll: Seconds between looks for the gateway's key while unknown.
+        expire_every: Seconds between applications of the outbox's expiry
+            policy (expired real-time rows and over-age rows are dropped and
+            counted), whether or not the uplink is up.
         announce_presence: Send a sealed "online" PRESENCE on every new
             connection (MQTT; on WebSocket the connection itself says it).
         forget_on_puback: TEST ONLY: delete rows once the transport accepted
@@ -78,6 +81,7 @@ class CloudConfig:
     resend_after: float = 3.0
     resend_cap: float = 60.0
     key_poll: float = 0.5
+    expire_every: float = 2.0
     forget_on_puback: bool = False
     announce_presence: bool = True
 
@@ -229,7 +233,25 @@ class CloudLink:
     # -- running -----------------------------------------------------------
 
     async def run(self) -> None:
-        """Wait for the gateway key, then run the uplink, pump and downlink."""
+        """Wait for the gateway key, then run the uplink, pump and downlink.
+
+        The outbox's expiry policy runs beside them the whole time.
+        """
+        async with asyncio.TaskGroup() as group:
+            expiring = group.create_task(self._expire_loop(), name="outbox expiry")
+            try:
+                await self._run_uplink()
+            finally:
+                expiring.cancel()
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.expire_every)
+            dropped = await self.outbox.expire()
+            if dropped.expired or dropped.aged:
+                self._wake.set()
+
+    async def _run_uplink(self) -> None:
         while self.gateway is None:
             self.gateway = self.identity.gateway_key(self._key_file)
             if self.gateway is None:

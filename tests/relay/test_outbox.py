@@ -442,3 +442,34 @@ async def test_open_cancelled_midway_stops_the_worker(db: Path) -> None:
             await task
     async with await Outbox.open(db) as ob:  # the file is usable afterwards
         assert await ob.put(item(1))
+
+
+async def test_cloud_link_applies_expiry_with_no_uplink(
+    tmp_path: Path, outbox: Outbox, clock: FakeClock
+) -> None:
+    """Expired real-time rows leave the outbox on the cloud link's timer, with no
+    put and no uplink (they would otherwise sit there, never sent, forever)."""
+    from relay.cloudlink import CloudConfig, CloudLink
+    from relay.identity import PhoneIdentity
+
+    await outbox.put(item(1, realtime=True, expires_at=T0 + 1))
+    await outbox.put(item(2))
+    link = CloudLink(
+        PhoneIdentity(tmp_path / "state"),
+        outbox,
+        None,
+        lambda message: None,
+        config=CloudConfig(expire_every=0.01, key_poll=0.01),
+    )
+    task = asyncio.create_task(link.run())
+    try:
+        clock.now = T0 + 2
+        for _ in range(1000):  # 10 s at most
+            if (await outbox.stats()).rows == 1:
+                break
+            await asyncio.sleep(0.01)
+        stats = await outbox.stats()
+        assert (stats.dropped_expired, await all_ids(outbox)) == (1, [mid(2)])
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
