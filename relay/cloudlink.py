@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from protocol.bodies import Presence
 from protocol.cloud import Channels, decode_batch, encode_batch
@@ -44,7 +44,7 @@ from relay.identity import GatewayKey, PhoneIdentity
 from relay.outbox import Outbox, OutboxItem, PutOutcome
 from relay.uplink.base import Uplink, UplinkState
 
-__all__ = ["UNSEALED", "CloudConfig", "CloudLink", "CloudStats"]
+__all__ = ["UNSEALED", "CloudConfig", "CloudLink", "CloudStats", "LinkObserver"]
 
 _LOGGER: Final = logging.getLogger(__name__)
 
@@ -100,6 +100,26 @@ class CloudStats:
     bad_downlink: dict[str, int] = field(default_factory=dict)
 
 
+class LinkObserver(Protocol):
+    """Who learns from the cloud link's traffic (the router's estimators).
+
+    Times are ``time.monotonic()``; ``key`` names one payload (its first
+    envelope's message id) so its ack can be matched.
+    """
+
+    def uplink_sent(self, key: bytes, nbytes: int, at: float) -> None:
+        """A payload of ``nbytes`` left."""
+
+    def uplink_acked(self, key: bytes, at: float) -> None:
+        """The gateway's signed ack of the payload named ``key`` arrived."""
+
+    def downlink_bytes(self, n: int, at: float) -> None:
+        """``n`` bytes arrived from the gateway."""
+
+    def uplink_down(self, at: float) -> None:
+        """The connection dropped."""
+
+
 class CloudLink:
     """Outbox, uplink and the signed-ack loop; run :meth:`run` in a task."""
 
@@ -114,6 +134,7 @@ class CloudLink:
         gateway_key_file: Path | None = None,
         on_acked: Callable[[list[bytes]], None] | None = None,
         suite: EnvelopeSuite = EnvelopeSuite.HPKE,
+        observer: LinkObserver | None = None,
     ) -> None:
         """Prepare; ``make_uplink`` is None when no uplink is configured.
 
@@ -131,6 +152,7 @@ class CloudLink:
         self._on_acked = on_acked
         self._key_file = gateway_key_file
         self.suite = suite
+        self.observer = observer
         self._in_flight: dict[bytes, float] = {}
         self._wake = asyncio.Event()
         self._rng = random.Random()
@@ -237,12 +259,15 @@ class CloudLink:
 
         The outbox's expiry policy runs beside them the whole time.
         """
-        async with asyncio.TaskGroup() as group:
-            expiring = group.create_task(self._expire_loop(), name="outbox expiry")
-            try:
-                await self._run_uplink()
-            finally:
-                expiring.cancel()
+        # Not a TaskGroup: the uplink's errors (a permanent one stops the
+        # daemon) must reach the caller as they are, not in an ExceptionGroup.
+        expiring = asyncio.create_task(self._expire_loop(), name="outbox expiry")
+        try:
+            await self._run_uplink()
+        finally:
+            expiring.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiring
 
     async def _expire_loop(self) -> None:
         while True:
@@ -287,6 +312,8 @@ class CloudLink:
             stats = uplink.stats()
             if stats.reconnects != reconnects:
                 # A new connection: everything unacknowledged goes again, in order.
+                if reconnects >= 0 and self.observer is not None:
+                    self.observer.uplink_down(time.monotonic())
                 reconnects = stats.reconnects
                 self._in_flight.clear()
                 await self._announce_online()
@@ -305,6 +332,7 @@ class CloudLink:
                 await self._idle(generation)
                 continue
             batches: list[list[bytes]] = [[]]
+            keys: list[bytes] = [rows[0].msg_id]
             size = 0
             for row in rows:
                 if batches[-1] and (
@@ -312,14 +340,20 @@ class CloudLink:
                     or size + row.size > config.batch_bytes
                 ):
                     batches.append([])
+                    keys.append(row.msg_id)
                     size = 0
                 batches[-1].append(row.envelope)
                 size += row.size
+            payloads = [encode_batch(b) for b in batches]
             try:
-                await uplink.send([("up", encode_batch(b)) for b in batches])
+                await uplink.send([("up", p) for p in payloads])
             except UplinkError as exc:
                 _LOGGER.info("uplink send failed (%s); will resend", exc)
                 continue
+            if self.observer is not None:
+                sent_at = time.monotonic()
+                for key, payload in zip(keys, payloads, strict=True):
+                    self.observer.uplink_sent(key, len(payload), sent_at)
             for row in rows:
                 if row.attempts:
                     self.stats.resent += 1
@@ -377,6 +411,8 @@ class CloudLink:
     async def _downlink(self) -> None:
         assert self.uplink is not None  # noqa: S101
         async for payload in self.uplink.incoming():
+            if self.observer is not None:
+                self.observer.downlink_bytes(len(payload), time.monotonic())
             try:
                 items = decode_batch(payload)
             except RemoteProtocolError:
@@ -411,6 +447,10 @@ class CloudLink:
                     self.stats.downlink += 1
                     self._on_downlink(message)
             if acked:
+                if self.observer is not None:
+                    acked_at = time.monotonic()
+                    for mid in acked:
+                        self.observer.uplink_acked(mid, acked_at)
                 for mid in acked:
                     self._in_flight.pop(mid, None)
                 self.stats.acked += await self.outbox.ack(acked)
