@@ -266,8 +266,9 @@ class CloudLink:
             await self._run_uplink()
         finally:
             expiring.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await expiring
+            # gather, not suppress(CancelledError): a cancellation of this
+            # task arriving now must not be swallowed.
+            await asyncio.gather(expiring, return_exceptions=True)
 
     async def _expire_loop(self) -> None:
         while True:
