@@ -6,7 +6,9 @@
   Google's liblc3 in ``lc3py``) in 10 ms frames at 32 kbit/s by default:
   40-byte frames at 100 per second, as glasses stream them.
 - Photos: real baseline JPEGs made with Pillow from a generated scene (a shop
-  shelf with price tags), sized to a target between 20 and 200 KB.
+  shelf with price tags), sized to a target between 20 and 200 KB; and the
+  same scene with a product label carrying a real EAN-13 barcode
+  (:func:`barcode_photo`), for the phone's barcode skill.
 
 Everything is deterministic for a seed, and cached per process.
 """
@@ -27,6 +29,7 @@ __all__ = [
     "LC3_BITRATE",
     "LC3_FRAME_US",
     "SAMPLE_RATE",
+    "barcode_photo",
     "encode_lc3",
     "photo",
     "synth_speech",
@@ -116,9 +119,98 @@ def photo(target_bytes: int = 100_000, seed: int = 0) -> bytes:
     Raises:
         ValueError: ``target_bytes`` outside 20,000..200,000.
     """
+    _check_photo_size(target_bytes)
+    return _to_jpeg(_shelf(random.Random(seed)), target_bytes)
+
+
+@functools.lru_cache(maxsize=16)
+def barcode_photo(code: str, size: int = 100_000, seed: int = 0) -> bytes:
+    """A real JPEG of a product label carrying the EAN-13 barcode ``code``.
+
+    The shop-shelf scene of :func:`photo` with a white label in front, on
+    which the bars are drawn from the EAN-13 tables (GS1 General
+    Specifications §5.2.1; not by a barcode library, so a decoder test is
+    not circular): 3 px per module, a 10-module quiet zone each side, the
+    digits printed below, then the whole image blurred a little and JPEG
+    compressed down to about ``size`` bytes, as a phone camera would. A
+    decoder such as zxing-cpp reads it back at every size in range (tested
+    at 20 KB and 100 KB).
+
+    Args:
+        code: 13 digits, the last one a valid EAN-13 check digit.
+        size: Target JPEG size in bytes (20,000..200,000).
+        seed: Seed of the scene and of the label position.
+
+    Returns:
+        The JPEG bytes, at most ``size`` long.
+
+    Raises:
+        ValueError: ``code`` is not a valid EAN-13 or ``size`` out of range.
+    """
+    _check_photo_size(size)
+    modules = _ean13_modules(code)
+    rng = random.Random(seed)
+    image = _shelf(rng)
+    module_px = _BARCODE_MODULE_PX
+    bars_h = 60 * module_px
+    label_w = (len(modules) + 2 * _EAN_QUIET_MODULES) * module_px
+    label_h = bars_h + 40
+    left = rng.randint(20, image.width - label_w - 20)
+    top = rng.randint(20, image.height - label_h - 20)
+    label = Image.new("L", (label_w, label_h), 250)
+    draw = ImageDraw.Draw(label)
+    x0 = _EAN_QUIET_MODULES * module_px
+    for i, bit in enumerate(modules):
+        if bit == "1":
+            x = x0 + i * module_px
+            draw.rectangle([x, 10, x + module_px - 1, 10 + bars_h], fill=20)
+    draw.text((x0, 15 + bars_h), f"{code[0]} {code[1:7]} {code[7:]}", fill=20)
+    image.paste(label.filter(ImageFilter.SMOOTH).convert("RGB"), (left, top))
+    return _to_jpeg(image, size)
+
+
+# EAN-13 symbol tables (GS1 General Specifications §5.2.1.2): the L-set codes
+# of each digit; R codes are their complements and G codes the reversed R
+# codes. The first digit is encoded in the L/G parity of the left half.
+_EAN_L: Final = (
+    "0001101", "0011001", "0010011", "0111101", "0100011",
+    "0110001", "0101111", "0111011", "0110111", "0001011",
+)  # fmt: skip
+_EAN_PARITY: Final = (
+    "LLLLLL", "LLGLGG", "LLGGLG", "LLGGGL", "LGLLGG",
+    "LGGLLG", "LGGGLG", "LGLGGL", "LGLGLG", "LGGLGL",
+)  # fmt: skip
+_EAN_QUIET_MODULES: Final = 10
+_BARCODE_MODULE_PX: Final = 3
+
+
+def _ean13_modules(code: str) -> str:
+    """The 95 modules (``"1"`` = bar) of the EAN-13 symbol of ``code``."""
+    if len(code) != 13 or not code.isascii() or not code.isdigit():
+        raise ValueError("an EAN-13 code is 13 digits")
+    digits = [int(c) for c in code]
+    weighted = sum(d * (3 if i % 2 else 1) for i, d in enumerate(digits[:12]))
+    if (10 - weighted % 10) % 10 != digits[12]:
+        raise ValueError("bad EAN-13 check digit")
+    left = ""
+    for d, parity in zip(digits[1:7], _EAN_PARITY[digits[0]], strict=True):
+        code_l = _EAN_L[d]
+        left += code_l if parity == "L" else _complement(code_l)[::-1]
+    right = "".join(_complement(_EAN_L[d]) for d in digits[7:])
+    return "101" + left + "01010" + right + "101"
+
+
+def _complement(bits: str) -> str:
+    return bits.translate(str.maketrans("01", "10"))
+
+
+def _check_photo_size(target_bytes: int) -> None:
     if not 20_000 <= target_bytes <= 200_000:
         raise ValueError("photos are 20 to 200 KB")
-    rng = random.Random(seed)
+
+
+def _shelf(rng: random.Random) -> Image.Image:
+    """The shop-shelf scene (1024 x 768) with price tags, noise and blur."""
     width, height = 1024, 768
     image = Image.new("RGB", (width, height))
     draw = ImageDraw.Draw(image)
@@ -141,7 +233,11 @@ def photo(target_bytes: int = 100_000, seed: int = 0) -> bytes:
             )
             x += w + rng.randint(4, 20)
     noise = Image.effect_noise((width, height), 40).convert("RGB")
-    image = Image.blend(image, noise, 0.18).filter(ImageFilter.SMOOTH)
+    return Image.blend(image, noise, 0.18).filter(ImageFilter.SMOOTH)
+
+
+def _to_jpeg(image: Image.Image, target_bytes: int) -> bytes:
+    """The best-quality JPEG of ``image`` of at most ``target_bytes``."""
     best = b""
     for quality in range(95, 5, -5):
         buffer = io.BytesIO()
@@ -151,7 +247,7 @@ def photo(target_bytes: int = 100_000, seed: int = 0) -> bytes:
             break
     if len(best) > target_bytes:
         scale = math.sqrt(target_bytes / len(best))
-        small = image.resize((int(width * scale), int(height * scale)))
+        small = image.resize((int(image.width * scale), int(image.height * scale)))
         buffer = io.BytesIO()
         small.save(buffer, "JPEG", quality=10)
         best = buffer.getvalue()
