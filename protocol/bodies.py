@@ -85,6 +85,9 @@ class EventType(enum.IntEnum):
     GESTURE = 2
     GAZE = 3
     HEAD_POSE = 4
+    WAKE_WORD = 5
+    """The glasses heard the wake word: a request is coming (the phone wakes
+    its cellular radio now, while the user still speaks)."""
 
 
 class MediaAction(enum.IntEnum):

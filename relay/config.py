@@ -51,6 +51,7 @@ from relay.cloudlink import CloudConfig
 from relay.errors import ConfigError, UplinkConfigError
 from relay.outbox import OutboxConfig, Synchronous
 from relay.router.decide import Policy
+from relay.router.strategies import Strategy
 from relay.sim.profiles import PROFILES
 from relay.sim.scenarios import SCENARIOS
 from relay.uplink.tls import client_tls_context
@@ -340,6 +341,7 @@ _LINK: Final = LinkConfig()
 _SESSION: Final = SessionConfig()
 _OUTBOX: Final = OutboxConfig()
 _CLOUD: Final = CloudConfig()
+_POLICY: Final = Policy()
 
 KEYS: Final[tuple[Key, ...]] = (
     Key("glasses", "address", _Str(_ADDRESS_TEXT, pattern=_ADDRESS), None, "--address"),
@@ -397,6 +399,23 @@ KEYS: Final[tuple[Key, ...]] = (
     ),
     Key("uplink", "envelope_fallback", _Bool(), False, "--envelope-fallback"),
     Key("router", "deadline_ms", _Int(1, 600_000, "ms"), Policy().deadline_ms),
+    Key(
+        "router",
+        "strategy",
+        _Choice(tuple(s.value for s in Strategy)),
+        Strategy.ROUTER.value,
+    ),
+    Key("router", "margin_ms", _Int(0, 10_000, "ms"), round(_POLICY.margin_s * 1000)),
+    Key("router", "hedge_budget", _Float(0, 1, lo_open=False), _POLICY.hedge_budget),
+    Key(
+        "router",
+        "hedge_slack_ms",
+        _Int(0, 10_000, "ms"),
+        round(_POLICY.hedge_slack_s * 1000),
+    ),
+    Key("router", "battery_saver", _Bool(), _POLICY.battery_saver),
+    Key("router", "data_saver", _Bool(), _POLICY.data_saver),
+    Key("router", "late_cloud_follows", _Bool(), _POLICY.late_cloud_follows),
     Key("status", "port", _Int(1, 65535), None, "--status-port"),
     Key("logging", "level", _Choice(LEVELS), "warning", "-v/-vv"),
 )
@@ -500,6 +519,7 @@ class RelayConfig:
         cloud: ``[cloud]``: send window, batching and resend timers.
         uplink: ``[uplink]``: how to reach the cloud, credentials, gateway key.
         policy: ``[router]``: the routing policy.
+        strategy: ``router.strategy``: the router or a baseline.
         status: ``[status]``: where the status API listens.
         logging: ``[logging]``: the log level.
         file: The configuration file read, or None.
@@ -513,6 +533,7 @@ class RelayConfig:
     cloud: CloudConfig = field(default_factory=CloudConfig)
     uplink: UplinkSettings = field(default_factory=UplinkSettings)
     policy: Policy = field(default_factory=Policy)
+    strategy: Strategy = Strategy.ROUTER
     status: StatusSettings = field(default_factory=StatusSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     file: Path | None = None
@@ -732,6 +753,12 @@ class _Values:
             raise TypeError(name)
         return value
 
+    def get_bool(self, name: str) -> bool:
+        value = self.values[name]
+        if not isinstance(value, bool):
+            raise TypeError(name)
+        return value
+
     def get_str(self, name: str) -> str:
         value = self.values[name]
         if not isinstance(value, str):
@@ -810,7 +837,16 @@ def _build(
                 announce_presence=uplink.kind is UplinkKind.MQTT,
             ),
             uplink=uplink,
-            policy=Policy(deadline_ms=v.get_int("router.deadline_ms")),
+            policy=Policy(
+                deadline_s=v.get_int("router.deadline_ms") / 1000,
+                margin_s=v.get_int("router.margin_ms") / 1000,
+                hedge_budget=v.get_float("router.hedge_budget"),
+                hedge_slack_s=v.get_int("router.hedge_slack_ms") / 1000,
+                battery_saver=v.get_bool("router.battery_saver"),
+                data_saver=v.get_bool("router.data_saver"),
+                late_cloud_follows=v.get_bool("router.late_cloud_follows"),
+            ),
+            strategy=Strategy(v.get_str("router.strategy")),
             status=StatusSettings(
                 port=None if v.get("status.port") is None else v.get_int("status.port")
             ),

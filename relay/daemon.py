@@ -5,11 +5,20 @@ Composition root of ``glasses-relay run``. Every component runs under
 restarted with backoff, so one failure never takes the link down silently.
 Messages from the glasses are handled in arrival order by one intake task:
 
-- a REQUEST is routed (:func:`relay.router.decide.decide`): phone-only kinds
-  are answered at once by a phone-side skill; the rest is sealed into the
-  outbox for the cloud;
-- media chunks follow their request's route;
+- a REQUEST is routed (:func:`relay.router.strategies.route_request`: the
+  deadline-aware router by default): answered by a phone-side skill
+  (:mod:`relay.local.skills`) once its media is on the phone, sealed into the
+  outbox for the cloud, or both raced (a local *hedge* starts when the cloud
+  has produced no first token in time);
+- media chunks follow their request's route (and are kept in memory while the
+  phone may still answer);
+- a wake word marks the radio as pre-warmed (the event itself is the tiny
+  uplink packet that wakes it);
 - telemetry, events and the rest go to the cloud.
+
+The router's estimators (:class:`relay.router.estimators.Estimators`) learn
+from the cloud link's sends, acks and downlink bytes, BLE media transfers and
+the cloud's first-token times.
 
 A glasses message is acknowledged only once it is durable (stored in the
 outbox) or answered; when the outbox is full it is not acknowledged, and
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime
 import functools
 import logging
@@ -32,7 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from protocol.bodies import Ack, Holding, Presence, Request, ResponseText, Telemetry
+from protocol.bodies import (
+    Ack,
+    Event,
+    EventType,
+    Holding,
+    Presence,
+    Request,
+    ResponseText,
+    Telemetry,
+)
 from protocol.cloud import Channels
 from protocol.constants import MessageFlags, MessageKind
 from protocol.envelope import EnvelopeSuite
@@ -50,9 +69,11 @@ from relay.ble.manager import LinkManager, LinkState
 from relay.cloudlink import CloudConfig, CloudLink
 from relay.errors import ConfigError
 from relay.identity import GatewayKey, PhoneIdentity
-from relay.local.skills import PhoneState, answer
+from relay.local.skills import LocalSkills, PhoneState, Scope
 from relay.outbox import Outbox, OutboxConfig, OutboxStats, Priority, PutOutcome
-from relay.router.decide import Policy, Route, Snapshot, decide
+from relay.router.decide import LocalOption, Policy, Route, RouteDecision
+from relay.router.estimators import Estimators
+from relay.router.strategies import Strategy, route_request
 from relay.uplink.base import Uplink
 
 __all__ = ["Daemon", "DaemonConfig", "RequestTrace", "supervise"]
@@ -69,6 +90,10 @@ _PRIORITY: Final = {
 }
 _ROUTES_KEPT: Final = 1024
 _TRACES_KEPT: Final = 200
+_PENDING_KEPT: Final = 64
+"""Requests whose local answer, hedge or media is still tracked; oldest dropped."""
+_MEDIA_WAIT_S: Final = 30.0
+"""Longest wait for a request's media before the phone gives up answering it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +113,13 @@ class DaemonConfig:
     shutdown_timeout: float = 4.0
     realtime_ttl: float = 30.0
     suite: EnvelopeSuite = EnvelopeSuite.HPKE
+    strategy: Strategy = Strategy.ROUTER
+    """``router``, or a baseline (``always_cloud``, ``always_local``)."""
+    emulate_local_cost: bool = False
+    """Benchmarks: a local answer takes its skill's declared cost (0.3 s, 1.2 s)."""
+    max_local_media_bytes: int = 4 << 20
+    """Media kept per request for a local answer; beyond it the phone does not
+    answer that request itself (the cloud still does)."""
 
 
 @dataclass(slots=True)
@@ -104,6 +136,11 @@ class RequestTrace:
     cloud_acked: float | None = None
     first_answer: float | None = None
     answered_by: str | None = None
+    predicted_local_s: float | None = None
+    predicted_cloud_s: float | None = None
+    hedged: bool = False
+    local_computed: bool = False
+    cloud_computed: bool = False
 
     @property
     def response_s(self) -> float | None:
@@ -126,6 +163,31 @@ class DaemonStats:
     intake_overflow: int = 0
     realtime_dropped: int = 0
     restarts: dict[str, int] = field(default_factory=dict)
+    requests: int = 0
+    hedges: int = 0
+    local_fallbacks: int = 0
+    routes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A request the phone may still answer, or whose cloud answer is awaited."""
+
+    message: Message
+    request: Request
+    decision: RouteDecision
+    capture_end: float
+    trace: RequestTrace
+    keep_media: bool
+    media: bytearray = field(default_factory=bytearray)
+    held: list[Message] = field(default_factory=list)
+    media_done: asyncio.Event = field(default_factory=asyncio.Event)
+    first_chunk_at: float | None = None
+    uploaded_at: float | None = None
+    cloud_answered: bool = False
+    local_sent: bool = False
+    local_started: bool = False
+    cloud_text: list[str] = field(default_factory=list)
 
 
 async def supervise(
@@ -181,6 +243,8 @@ class Daemon:
         self.identity = PhoneIdentity(config.state_dir)
         self.stats = DaemonStats()
         self.phone = PhoneState()
+        self.skills = LocalSkills(self.phone)
+        self.estimators = Estimators()
         self.started = time.monotonic()
         self.outbox = outbox
         self._events: asyncio.Queue[SessionEvent] = asyncio.Queue(config.intake_queue)
@@ -208,6 +272,7 @@ class Daemon:
             gateway_key_file=config.gateway_key_file,
             on_acked=self._on_cloud_acked,
             suite=config.suite,
+            observer=self.estimators,
         )
         self._routes: collections.OrderedDict[int, Route] = collections.OrderedDict()
         self.traces: collections.OrderedDict[int, RequestTrace] = (
@@ -218,9 +283,12 @@ class Daemon:
         self._delivered: collections.OrderedDict[bytes, None] = (
             collections.OrderedDict()
         )
-        self._background: set[asyncio.Task[bool]] = set()
+        self._background: set[asyncio.Future[object]] = set()
         self._outbox_stats: OutboxStats | None = None
-        self._local_pending: dict[int, tuple[Message, Request]] = {}
+        self._pending: collections.OrderedDict[int, _Pending] = (
+            collections.OrderedDict()
+        )
+        self._final_parts: dict[bytes, int] = {}
 
     # -- events from the glasses -----------------------------------------
 
@@ -297,15 +365,7 @@ class Daemon:
         if kind is MessageKind.REQUEST:
             await self._request(message)
         elif kind in (MessageKind.AUDIO_CHUNK, MessageKind.PHOTO_CHUNK):
-            if self._routes.get(message.request_id) is Route.LOCAL:
-                self._ack(message)  # the phone answers this request itself
-                pending = self._local_pending.pop(message.request_id, None)
-                if pending is not None and message.flags & MessageFlags.FINAL:
-                    self._answer_locally(*pending)
-                elif pending is not None:
-                    self._local_pending[message.request_id] = pending
-            else:
-                await self._to_cloud(message)
+            await self._chunk(message)
         elif kind is MessageKind.TELEMETRY:
             try:
                 self.phone.battery_pct = Telemetry.decode(message.body).battery_pct
@@ -316,7 +376,46 @@ class Daemon:
         elif kind in (MessageKind.ACK, MessageKind.HEARTBEAT, MessageKind.CREDIT):
             return
         else:
+            if kind is MessageKind.EVENT and self.cloud.connected:
+                try:
+                    event = Event.decode(message.body)
+                except RemoteProtocolError:
+                    event = None
+                if event is not None and event.type is EventType.WAKE_WORD:
+                    # The event itself is the small uplink packet that wakes
+                    # the cellular radio while the user still speaks.
+                    self.estimators.radio_woken(time.monotonic())
             await self._to_cloud(message)
+
+    async def _chunk(self, message: Message) -> None:
+        now = time.monotonic()
+        rid = message.request_id
+        final = bool(message.flags & MessageFlags.FINAL)
+        pending = self._pending.get(rid)
+        if pending is not None:
+            if pending.first_chunk_at is None:
+                pending.first_chunk_at = now
+            if pending.keep_media:
+                piece = message.body[4:]
+                if len(pending.media) + len(piece) > self.config.max_local_media_bytes:
+                    pending.keep_media = False  # too big to answer on the phone
+                    pending.media.clear()
+                else:
+                    pending.media += piece
+            if final:
+                pending.media_done.set()
+                if message.kind is MessageKind.PHOTO_CHUNK and pending.request.size:
+                    self.estimators.ble_bytes(
+                        pending.request.size, pending.first_chunk_at, now
+                    )
+        if self._routes.get(rid) is Route.LOCAL:
+            self._ack(message)  # the phone answers this request itself
+            if pending is not None:
+                pending.held.append(message)  # for the cloud, should it fail
+            return
+        if final:
+            self._final_parts[message.message_id] = rid
+        await self._to_cloud(message)
 
     async def _request(self, message: Message) -> None:
         now = time.monotonic()
@@ -326,52 +425,167 @@ class Daemon:
             _LOGGER.warning("glasses sent a malformed request; dropped")
             self._ack(message)
             return
-        snapshot = Snapshot(
-            uplink_connected=self.cloud.connected,
-            uplink_configured=self.cloud.configured,
+        rid = message.request_id
+        self.stats.requests += 1
+        info = self.skills.match(request, mono=now)
+        local = (
+            None
+            if info is None
+            else LocalOption(
+                info.name, info.quality, info.cost_s, info.scope is Scope.PHONE_ONLY
+            )
         )
-        decision = decide(request, snapshot, self.config.policy)
-        capture_end = self._source(message).clock.to_local(request.capture_end_us)
+        capture_us = self._source(message).clock.to_local(request.capture_end_us)
+        capture_end = now if capture_us is None else capture_us / 1e6
+        box = self._outbox_stats
+        snapshot = self.estimators.snapshot(
+            now,
+            kind=request.kind,
+            uplink_configured=self.cloud.configured,
+            uplink_connected=self.cloud.connected,
+            local=local,
+            capture_end_s=capture_end,
+            media_bytes_remaining=request.size,
+            request_bytes=request.size + len(message.body),
+            outbox_bytes_ahead=self._bytes_waiting(box),
+            battery_pct=self.phone.battery_pct,
+            requests_seen=self.stats.requests,
+            hedges_used=self.stats.hedges,
+        )
+        decision = route_request(
+            self.config.strategy, request, snapshot, self.config.policy
+        )
+        route = decision.route
+        self.stats.routes[route.value] = self.stats.routes.get(route.value, 0) + 1
         trace = RequestTrace(
-            message.request_id,
+            rid,
             request.kind.name.lower(),
-            decision.route.value,
+            route.value,
             decision.reason,
-            None if capture_end is None else capture_end / 1e6,
+            None if capture_us is None else capture_end,
             now,
             time.monotonic(),
+            predicted_local_s=decision.predicted_local_s,
+            predicted_cloud_s=decision.predicted_cloud_s,
+            local_computed=route is Route.LOCAL,
+            cloud_computed=route is not Route.LOCAL,
         )
-        self._remember(message.request_id, decision.route, trace)
-        self._by_message[message.message_id] = message.request_id
-        if decision.route is Route.LOCAL:
-            if request.size > 0:
-                # Spoken: the answer waits for the end of the utterance (the
-                # last chunk), as the phone cannot know what was said before.
-                self._local_pending[message.request_id] = (message, request)
-                while len(self._local_pending) > _ROUTES_KEPT:
-                    self._local_pending.pop(next(iter(self._local_pending)))
-                return
-            self._answer_locally(message, request)
+        self._remember(rid, route, trace)
+        self._by_message[message.message_id] = rid
+        pending = _Pending(
+            message,
+            request,
+            decision,
+            capture_end,
+            trace,
+            keep_media=local is not None and route is not Route.CLOUD,
+        )
+        self._pending[rid] = pending
+        while len(self._pending) > _PENDING_KEPT:
+            self._pending.popitem(last=False)
+        if request.size == 0:
+            pending.media_done.set()
+        if route is Route.LOCAL:
+            self._spawn(self._answer_locally(pending))
             return
+        if request.size == 0:
+            self._final_parts[message.message_id] = rid
         await self._to_cloud(message)
+        if route is Route.HEDGED and decision.hedge_after_s is not None:
+            self._spawn(self._hedge(pending, capture_end + decision.hedge_after_s))
         if decision.holding:
+            text = self.skills.holding_reply(request)
             self.link.send(
                 Message(
                     MessageKind.HOLDING,
                     os.urandom(16),
-                    Holding(
-                        "Waiting for a connection; I'll answer as soon as I can."
-                    ).encode(),
+                    Holding(text).encode(),
                     MessageFlags.NONE,
-                    message.request_id,
+                    rid,
                 )
             )
 
-    def _answer_locally(self, message: Message, request: Request) -> None:
-        text = answer(request, self.phone, datetime.datetime.now().astimezone())
-        self._send_answer(message.request_id, text, "local")
+    def _bytes_waiting(self, box: OutboxStats | None) -> int:
+        """Outbox bytes not yet sent (rows in flight are excluded, pro rata)."""
+        if box is None or box.rows == 0:
+            return 0
+        waiting = max(0, box.rows - self.cloud.in_flight)
+        return box.total_bytes * waiting // box.rows
+
+    def _spawn(self, coro: Awaitable[object]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _hedge(self, pending: _Pending, at: float) -> None:
+        """Start the phone's own answer if the cloud is silent at ``at``."""
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        if pending.cloud_answered or pending.local_started:
+            return
+        self.stats.hedges += 1
+        pending.trace.hedged = True
+        pending.trace.local_computed = True
+        _LOGGER.info(
+            "request %d: no first token from the cloud in time; hedging on the phone",
+            pending.message.request_id,
+        )
+        await self._answer_locally(pending)
+
+    async def _answer_locally(self, pending: _Pending) -> None:
+        """Answer on the phone once the media is in (or fall back to the cloud)."""
+        pending.local_started = True
+        message, request = pending.message, pending.request
+        try:
+            async with asyncio.timeout(_MEDIA_WAIT_S):
+                await pending.media_done.wait()
+        except TimeoutError:
+            _LOGGER.info("request %d: media never completed", message.request_id)
+            return
+        started = time.monotonic()
+        media = bytes(pending.media) if pending.keep_media else b""
+        result = self.skills.answer(
+            request, media, datetime.datetime.now().astimezone(), started
+        )
+        if result is not None and self.config.emulate_local_cost:
+            await asyncio.sleep(
+                max(0.0, started + result.skill.cost_s - time.monotonic())
+            )
+        if pending.decision.route is Route.LOCAL:
+            self._ack(message)
+        if result is None:
+            await self._local_failed(pending)
+            return
+        if pending.cloud_answered:
+            return  # the cloud won the race: its answer is on the glasses
+        pending.local_sent = True
+        self._send_answer(message.request_id, result.text, "local")
         self.stats.local_answers += 1
-        self._ack(message)
+
+    async def _local_failed(self, pending: _Pending) -> None:
+        """The skill could not answer after all (e.g. no barcode in the photo)."""
+        if pending.decision.route is not Route.LOCAL:
+            return  # the cloud has the request already
+        self.stats.local_fallbacks += 1
+        pending.trace.cloud_computed = True
+        self._routes[pending.message.request_id] = Route.CLOUD
+        rid = pending.message.request_id
+        for part in (pending.message, *pending.held):
+            whole = part.kind is MessageKind.REQUEST and pending.request.size == 0
+            if whole or part.flags & MessageFlags.FINAL:
+                self._final_parts[part.message_id] = rid
+            await self.cloud.put(part, Priority.INTERACTIVE)
+        pending.held.clear()
+        if not self.cloud.connected:
+            text = self.skills.holding_reply(pending.request)
+            self.link.send(
+                Message(
+                    MessageKind.HOLDING,
+                    os.urandom(16),
+                    Holding(text).encode(),
+                    MessageFlags.NONE,
+                    rid,
+                )
+            )
 
     def _remember(self, request_id: int, route: Route, trace: RequestTrace) -> None:
         self._routes[request_id] = route
@@ -408,6 +622,12 @@ class Daemon:
             trace = None if request_id is None else self.traces.get(request_id)
             if trace is not None and trace.cloud_acked is None:
                 trace.cloud_acked = now
+            final_of = self._final_parts.pop(mid, None)
+            pending = None if final_of is None else self._pending.get(final_of)
+            if pending is not None and pending.uploaded_at is None:
+                pending.uploaded_at = now  # the whole request is at the gateway
+        while len(self._final_parts) > _ROUTES_KEPT:
+            self._final_parts.pop(next(iter(self._final_parts)))
 
     def _on_downlink(self, message: Message) -> None:
         mid = message.message_id
@@ -417,6 +637,12 @@ class Daemon:
             return
         if mid in self._from_cloud:
             return  # on its way to the glasses
+        if message.kind is MessageKind.RESPONSE_TEXT and not self._cloud_piece(message):
+            # Policy: no late cloud answer after a local one. The gateway
+            # still gets its ack, as if the glasses had it.
+            self._delivered[mid] = None
+            self._ack_up([mid])
+            return
         flags = message.flags | MessageFlags.RELIABLE
         forwarded = Message(message.kind, mid, message.body, flags, message.request_id)
         if self.link.send(forwarded):
@@ -424,6 +650,24 @@ class Daemon:
             if message.kind is MessageKind.RESPONSE_TEXT:
                 self.stats.cloud_answers += 1
                 self._answered(message.request_id, "cloud")
+
+    def _cloud_piece(self, message: Message) -> bool:
+        """Learn from a piece of a cloud answer; whether to show it."""
+        pending = self._pending.get(message.request_id)
+        if pending is None:
+            return True
+        now = time.monotonic()
+        if not pending.cloud_answered:
+            pending.cloud_answered = True
+            if pending.uploaded_at is not None:
+                self.estimators.first_token(
+                    pending.request.kind, max(0.0, now - pending.uploaded_at)
+                )
+        with contextlib.suppress(RemoteProtocolError):
+            pending.cloud_text.append(ResponseText.decode(message.body).text)
+        if message.flags & MessageFlags.FINAL and pending.cloud_text:
+            self.skills.remember(pending.request, "".join(pending.cloud_text), now)
+        return not pending.local_sent or self.config.policy.late_cloud_follows
 
     async def _glasses_acked(self, messages: tuple[Message, ...]) -> None:
         ids = [m.message_id for m in messages if m.message_id in self._from_cloud]
@@ -439,9 +683,7 @@ class Daemon:
         message = Message(
             MessageKind.ACK, os.urandom(16), Ack(tuple(ids[:1024])).encode()
         )
-        task = asyncio.get_running_loop().create_task(self.cloud.send_direct(message))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self.cloud.send_direct(message))
 
     # -- running -----------------------------------------------------------
 
@@ -526,6 +768,7 @@ class Daemon:
                 "oldest_age_s": box.oldest_age_s if box else None,
                 "refused_full": self.stats.refused_full,
             },
+            "router": self._router_status(),
             "requests": [self._trace_json(t) for t in list(self.traces.values())[-50:]],
             "counters": {
                 "messages_in": self.stats.messages_in,
@@ -533,6 +776,25 @@ class Daemon:
                 "local_answers": self.stats.local_answers,
                 "cloud_answers": self.stats.cloud_answers,
                 "restarts": dict(self.stats.restarts),
+            },
+        }
+
+    def _router_status(self) -> dict[str, object]:
+        now = time.monotonic()
+        est = self.estimators
+        idle = est.radio_idle_s(now)
+        return {
+            "strategy": self.config.strategy.value,
+            "deadline_ms": self.config.policy.deadline_ms,
+            "requests": self.stats.requests,
+            "routes": dict(self.stats.routes),
+            "hedges": self.stats.hedges,
+            "local_fallbacks": self.stats.local_fallbacks,
+            "estimates": {
+                "rtt_ms": round(est.rtt_s(now) * 1000, 1),
+                "uplink_kBps": round(est.uplink_bps(now) / 1000, 1),
+                "ble_kBps": round(est.ble.bps() / 1000, 1),
+                "radio_idle_s": None if idle == float("inf") else round(idle, 1),
             },
         }
 
@@ -550,6 +812,16 @@ class Daemon:
             "route": trace.route,
             "reason": trace.reason,
             "response_ms": None if response is None else round(response * 1000, 1),
+            "answered_by": trace.answered_by,
+            "hedged": trace.hedged,
+            "predicted_ms": {
+                "local": None
+                if trace.predicted_local_s is None
+                else round(trace.predicted_local_s * 1000),
+                "cloud": None
+                if trace.predicted_cloud_s is None
+                else round(trace.predicted_cloud_s * 1000),
+            },
             "hops_ms": {
                 "phone_received": hop(trace.received),
                 "routed": hop(trace.routed),

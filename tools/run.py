@@ -267,6 +267,7 @@ async def _main(
             outbox=config.outbox,
             cloud=dataclasses.replace(config.cloud, forget_on_puback=forget),
             policy=config.policy,
+            strategy=config.strategy,
             gateway_key_file=config.uplink.gateway_key,
             suite=suite,
         )

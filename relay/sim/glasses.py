@@ -23,7 +23,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
@@ -263,6 +263,9 @@ class GlassesApp:
         self.asked: dict[int, tuple[RequestKind, float]] = {}
         """Every request asked: its kind and when (bounded like the others)."""
         self.answer_times: dict[int, float] = {}
+        self.on_response: Callable[[Message, float], None] | None = None
+        """Called with every RESPONSE_TEXT and HOLDING message and its arrival
+        time (``time.monotonic()``), before it is acknowledged (benchmarks)."""
         self._established = asyncio.Event()
         self._ledger: IO[str] | None = None
         if config.ledger is not None:
@@ -455,6 +458,11 @@ class GlassesApp:
             reply = ClockSync(sync.t1, now, now).encode()
             driver.send(Message(MessageKind.CLOCK_SYNC, os.urandom(16), reply))
             return
+        if self.on_response is not None and message.kind in (
+            MessageKind.RESPONSE_TEXT,
+            MessageKind.HOLDING,
+        ):
+            self.on_response(message, time.monotonic())
         if message.kind is MessageKind.RESPONSE_TEXT:
             asked = self._asked.get(message.request_id)
             if asked is not None and message.request_id not in self.answer_times:
@@ -469,6 +477,14 @@ class GlassesApp:
             driver.acknowledge(message.message_id)
 
     # -- the scenario ----------------------------------------------------------
+
+    async def wait_established(self) -> None:
+        """Wait until a session with the phone is up."""
+        await self._established.wait()
+
+    async def send(self, message: Message) -> None:
+        """Send ``message`` reliably (as the scenario does); for benchmarks."""
+        await self._send(message)
 
     async def _send(self, message: Message) -> None:
         """Send a reliable message, waiting while the unacked window is full."""

@@ -161,7 +161,8 @@ def _soak(rng: random.Random) -> Iterator[Step]:
             0.05, Gesture(EventType.GAZE, None, rng.uniform(-1, 1), rng.uniform(-1, 1))
         )
         if tick % 50 == 0:
-            yield Step(0.0, Ask(RequestKind.VOICE_QUERY, rng.choice(_SOAK_TEXT), 2.0))
+            text = f"{rng.choice(_SOAK_TEXT)} (#{tick // 50})"  # never a cache hit
+            yield Step(0.0, Ask(RequestKind.VOICE_QUERY, text, 2.0))
         if tick % 100 == 0:
             yield Step(
                 0.0,
@@ -173,7 +174,9 @@ def _soak(rng: random.Random) -> Iterator[Step]:
                 ),
             )
         if tick % 30 == 0:
-            yield Step(0.0, Ask(RequestKind.TEXT_QUERY, rng.choice(_SOAK_TEXT)))
+            # Each question new: the phone's answer cache must not answer it.
+            text = f"{rng.choice(_SOAK_TEXT)} (#{tick // 4})"
+            yield Step(0.0, Ask(RequestKind.TEXT_QUERY, text))
 
 
 def _stress(rng: random.Random) -> Iterator[Step]:
@@ -188,7 +191,9 @@ def _stress(rng: random.Random) -> Iterator[Step]:
         yield Step(0.0, TelemetryTick())
         yield Step(0.0, Gesture(EventType.BUTTON, rng.choice(("tap", "double_tap"))))
         if tick % 4 == 0:
-            yield Step(0.0, Ask(RequestKind.TEXT_QUERY, rng.choice(_SOAK_TEXT)))
+            # Each question new: the phone's answer cache must not answer it.
+            text = f"{rng.choice(_SOAK_TEXT)} (#{tick // 4})"
+            yield Step(0.0, Ask(RequestKind.TEXT_QUERY, text))
 
 
 SCENARIOS: Final[dict[str, tuple[str, Callable[[random.Random], Iterator[Step]]]]] = {
