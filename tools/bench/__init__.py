@@ -53,6 +53,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     link.set_defaults(handler=_run_link)
     _register_throughput(kinds)
     _register_soak(kinds)
+    _register_latency(kinds)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -227,3 +228,90 @@ def _run_soak(args: argparse.Namespace) -> int:
     if not 10.0 <= args.duration <= 86400.0:
         raise ConfigError(f"--duration {args.duration:g}: use 10 to 86400 seconds")
     return run_cli(args, "soak")
+
+
+def _register_latency(
+    kinds: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    parser = kinds.add_parser(
+        "latency",
+        help="the 3-second promise: router vs always-cloud vs always-local on traces",
+        description="Play one seeded request mix (voice, photos; 20%% phone-only, "
+        "50%% either, 30%% cloud-only) through the real daemon, a trace-shaped "
+        "cellular link and the gateway, once per strategy (router, always_cloud, "
+        "always_local, each in its own process, side by side), and report the "
+        "share answered within the deadline, utility and latency quantiles; "
+        "oracle is the better baseline per request. Idle gaps between requests "
+        "are skipped, never scaled.",
+    )
+    parser.add_argument(
+        "--uplink-trace", type=Path, required=True, help="mahimahi trace, uplink"
+    )
+    parser.add_argument(
+        "--downlink-trace", type=Path, required=True, help="mahimahi trace, downlink"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=120, help="requests per strategy (default 120)"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed (default 1)")
+    parser.add_argument(
+        "--deadline", type=float, default=3.0, help="seconds (default 3)"
+    )
+    parser.add_argument(
+        "--profile",
+        default="android-2m",
+        choices=_BENCH_PROFILES,
+        help="BLE link profile (default android-2m)",
+    )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="run the strategies one after another (slower; no CPU sharing)",
+    )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="write each strategy's per-request outcomes to DIR/STRATEGY.json",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=_run_latency)
+
+
+def _run_latency(args: argparse.Namespace) -> int:
+    from tools.bench.latency import run_bench
+
+    if not 1 <= args.requests <= 10_000:
+        raise ConfigError(f"--requests {args.requests}: use 1 to 10000")
+    if not 0.5 <= args.deadline <= 10.0:
+        raise ConfigError(f"--deadline {args.deadline:g}: use 0.5 to 10 seconds")
+    say(
+        f"bench latency: {args.uplink_trace.name} / {args.downlink_trace.name}, "
+        f"{args.requests} requests, seed {args.seed}"
+    )
+    result = run_bench(
+        uplink_trace=args.uplink_trace,
+        downlink_trace=args.downlink_trace,
+        requests=args.requests,
+        seed=args.seed,
+        deadline_s=args.deadline,
+        profile=args.profile,
+        parallel=not args.sequential,
+        progress=sys.stderr.isatty(),
+        keep=args.keep,
+    )
+    strategies = result["strategies"]
+    assert isinstance(strategies, dict)  # noqa: S101
+    say(
+        f"{'strategy':<13} {'within':>7} {'utility':>8} {'p50 ms':>7} "
+        f"{'p95 ms':>7} {'p99 ms':>7} {'hedges':>6} {'extra':>6}"
+    )
+    for name, row in strategies.items():
+        say(
+            f"{name:<13} {row['within_budget_ratio']:>7.3f} {row['utility']:>8.3f} "
+            f"{row['p50_ms']:>7} {row['p95_ms']:>7} {row['p99_ms']:>7} "
+            f"{row['hedges']:>6} {row['extra_cloud_requests_ratio']:>6.3f}"
+        )
+    if args.json:
+        emit_json(result)
+    return 0
