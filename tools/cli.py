@@ -40,6 +40,7 @@ _SUBCOMMANDS: Final[tuple[str, ...]] = (
     "sim",
     "cloud",
     "pair",
+    "sniff",
     "replay",
     "bench",
 )

@@ -14,16 +14,30 @@ headers shown, ciphertext left opaque). --json prints one JSON object on
 standard output instead of the lines.
 
 Device addresses are shown as their last two bytes unless --addresses.
+
+--into-daemon plays the glasses' side of a capture recorded with ``sniff
+--plaintext`` into a real daemon (in this process, on emulated glasses, with
+no uplink): a fresh pairing and handshake, then the recorded glasses
+messages sealed again under the new keys, with --timing asap (all at once),
+faithful (at the recorded times, divided by --speed) or lockstep (each one
+once the daemon has written what it had written before it, or after
+--step-timeout). The daemon's messages are compared with the recorded ones,
+ids, times, counters and ciphertext masked (protocol.capture.expect); a
+difference is printed as a diff on standard output and the exit status is 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from protocol.capture import (
     AttOpcode,
@@ -34,6 +48,8 @@ from protocol.capture import (
     read_capture,
     summarize,
 )
+from protocol.capture.expect import Step, diff_messages, script_from_capture
+from protocol.constants import MessageFlags, MessageKind
 from protocol.errors import RemoteProtocolError
 from protocol.events import (
     FragmentDuplicated,
@@ -45,14 +61,34 @@ from protocol.events import (
 )
 from protocol.gatt import RX_CHAR_UUID, TX_CHAR_UUID
 from protocol.link import Reassembler
+from protocol.message import Message
 from protocol.record import RecordHeader
 from relay.errors import ConfigError
 from tools.output import emit_json, say
 
-__all__ = ["FrameLine", "decode_frames", "load_capture", "register", "run"]
+if TYPE_CHECKING:
+    from protocol.session import PeerPolicy, SessionEvent
+    from relay.connection import FragmentLink, SessionDriver
+    from relay.sim.peripheral import GlassesPeripheral
+
+__all__ = [
+    "FrameLine",
+    "IntoDaemonResult",
+    "decode_frames",
+    "into_daemon",
+    "load_capture",
+    "register",
+    "run",
+]
 
 MAX_CAPTURE_BYTES: Final = 1 << 30
 """Largest file read (1 GiB): the reader holds the whole file in memory."""
+TIMINGS: Final = ("asap", "faithful", "lockstep")
+SETTLE_S: Final = 5.0
+"""After the last message sent, how long to wait for the daemon's remaining
+recorded writes."""
+CONNECT_TIMEOUT_S: Final = 30.0
+"""Longest wait for the daemon to connect, pair and finish the handshake."""
 UP: Final = "glasses>phone"
 DOWN: Final = "phone>glasses"
 _UP_OPCODES: Final = frozenset((AttOpcode.HANDLE_VALUE_NTF, AttOpcode.HANDLE_VALUE_IND))
@@ -99,6 +135,39 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=_handle,
         metavar="HANDLE",
         help="ATT value handle of RX (phone to glasses), e.g. 0x0015",
+    )
+    play = parser.add_argument_group("playing into a daemon")
+    play.add_argument(
+        "--into-daemon",
+        action="store_true",
+        help="play the glasses' side of a sniff --plaintext capture into a daemon "
+        "and diff what it writes against the recording",
+    )
+    play.add_argument(
+        "--timing",
+        choices=TIMINGS,
+        default="asap",
+        help="asap (default), faithful (recorded times) or lockstep (wait for "
+        "the daemon's recorded answers)",
+    )
+    play.add_argument(
+        "--speed",
+        type=float,
+        metavar="X",
+        help="with --timing faithful: play X times as fast (default 1)",
+    )
+    play.add_argument(
+        "--step-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="lockstep: longest wait for the daemon before going on (default 5)",
+    )
+    play.add_argument(
+        "--connection",
+        type=int,
+        metavar="N",
+        help="the connection to play (default: the first with plaintext)",
     )
     parser.set_defaults(handler=run)
 
@@ -333,6 +402,10 @@ def run(args: argparse.Namespace) -> int:
     """
     path: Path = args.file
     capture = load_capture(path, strict=args.strict)
+    if args.into_daemon:
+        return _run_into_daemon(args, path, capture)
+    if args.speed is not None or args.timing != "asap" or args.connection is not None:
+        raise ConfigError("--timing, --speed and --connection need --into-daemon")
     summary = summarize(capture, addresses=args.addresses)
     lines = None
     if args.decode:
@@ -352,6 +425,319 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.writelines(line.render() + "\n" for line in lines)
         sys.stdout.flush()
     return 0
+
+
+# --- playing into a daemon --------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IntoDaemonResult:
+    """What a replay into the daemon found."""
+
+    timing: str
+    sent: int
+    expected: int
+    observed: int
+    extra: int
+    """Daemon messages after the last recorded one (the capture had ended)."""
+    diff: list[str]
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain values for JSON."""
+        return {
+            "timing": self.timing,
+            "sent": self.sent,
+            "expected": self.expected,
+            "observed": self.observed,
+            "extra_after_recording": self.extra,
+            "equal": not self.diff,
+            "diff": self.diff,
+        }
+
+
+def _run_into_daemon(args: argparse.Namespace, path: Path, capture: Capture) -> int:
+    if args.decode:
+        raise ConfigError("--into-daemon and --decode exclude each other")
+    if args.speed is not None and args.timing != "faithful":
+        raise ConfigError("--speed is for --timing faithful")
+    speed = 1.0 if args.speed is None else float(args.speed)
+    if not 0 < speed <= 1000:
+        raise ConfigError("--speed must be > 0 and at most 1000")
+    if not 0 < args.step_timeout <= 600:
+        raise ConfigError("--step-timeout must be > 0 and at most 600 s")
+    connection = args.connection
+    if connection is not None and not 0 <= connection < len(capture.connections):
+        raise ConfigError(
+            f"--connection {connection}: the capture has "
+            f"{len(capture.connections)} connection(s)"
+        )
+    try:
+        steps = script_from_capture(capture, connection)
+    except CaptureError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    if not steps:
+        raise ConfigError(
+            f"{path}: no plaintext comments to play; record the capture with "
+            "'glasses-relay sniff --plaintext'"
+        )
+    result = asyncio.run(
+        into_daemon(
+            steps, timing=args.timing, speed=speed, step_timeout=args.step_timeout
+        )
+    )
+    if args.json:
+        emit_json(result.to_dict())
+    else:
+        sys.stdout.writelines(line + "\n" for line in result.diff)
+        sys.stdout.flush()
+    verdict = "differs from" if result.diff else "matches"
+    say(
+        f"replay: sent {result.sent} glasses messages ({result.timing}); the daemon "
+        f"wrote {result.observed}, {verdict} the {result.expected} recorded"
+        + (f" ({result.extra} more after the recording ended)" if result.extra else "")
+    )
+    return 1 if result.diff else 0
+
+
+async def into_daemon(
+    steps: Sequence[Step],
+    *,
+    timing: str = "asap",
+    speed: float = 1.0,
+    step_timeout: float = 5.0,
+) -> IntoDaemonResult:
+    """Play ``steps`` as emulated glasses into a daemon in this process.
+
+    The daemon (``relay.daemon.Daemon``, no uplink, a throw-away state
+    directory) pairs with the emulated glasses through the real pairing flow
+    and handshake; the glasses then send the recorded messages and record
+    what the daemon writes.
+
+    Raises:
+        ConfigError: the daemon did not connect and finish the handshake.
+    """
+    import tempfile
+
+    from relay.ble.link import LinkConfig
+    from relay.cloudlink import CloudConfig
+    from relay.daemon import Daemon, DaemonConfig
+    from relay.outbox import Outbox
+    from relay.sim.bed import backend_for
+    from relay.sim.bleak_bumble import BumbleAdapter
+    from relay.sim.peripheral import GlassesPeripheral
+    from relay.sim.profiles import UNSHAPED
+    from relay.sim.shaped_link import make_link
+    from relay.state import ensure_state_dir
+
+    with tempfile.TemporaryDirectory(prefix="glasses-relay-replay-") as temp:
+        state = ensure_state_dir(Path(temp) / "state")
+        ensure_state_dir(state / "phone")
+        link = make_link(UNSHAPED)
+        peripheral = GlassesPeripheral(link)
+        adapter = BumbleAdapter.on_link(link)
+        await peripheral.start()
+        outbox = await Outbox.open(state / "phone" / "outbox.sqlite3")
+        config = DaemonConfig(
+            state_dir=state,
+            link=LinkConfig(scan_timeout=5.0, connect_timeout=10.0),
+            cloud=CloudConfig(announce_presence=False),
+        )
+        daemon = Daemon(config, backend_for(adapter), None, outbox=outbox)
+        glasses = _ReplayGlasses(peripheral, state)
+        daemon_task = asyncio.create_task(daemon.run(), name="replay daemon")
+        try:
+            return await glasses.play(
+                steps, timing=timing, speed=speed, step_timeout=step_timeout
+            )
+        finally:
+            await glasses.close()
+            daemon_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await daemon_task
+            await daemon.close()
+            await outbox.close()
+            await adapter.close()
+            await peripheral.stop()
+
+
+class _CountingLink:
+    """A fragment link that sets an event after every write (see ``_send``)."""
+
+    def __init__(self, link: FragmentLink, wrote: asyncio.Event) -> None:
+        self._link = link
+        self._wrote = wrote
+
+    @property
+    def max_fragment_size(self) -> int:
+        return self._link.max_fragment_size
+
+    async def recv(self) -> bytes:
+        return await self._link.recv()
+
+    async def write(self, fragment: bytes) -> None:
+        await self._link.write(fragment)
+        self._wrote.set()
+
+
+class _ReplayGlasses:
+    """Emulated glasses that send recorded messages and keep what they get."""
+
+    def __init__(self, peripheral: GlassesPeripheral, state: Path) -> None:
+        from protocol.session import Identity
+
+        self._peripheral = peripheral
+        self._state = state
+        self._identity = Identity.generate()
+        self._driver: SessionDriver | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._established = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._acked = asyncio.Event()
+        self._wrote = asyncio.Event()
+        self.observed: list[Message] = []
+
+    async def _policy(self) -> PeerPolicy:
+        """Pair with the phone whose pairing code is in the state directory."""
+        from protocol.pairing import PairingPayload
+        from protocol.session import PeerPolicy
+
+        path = self._state / "phone" / "pairing.txt"
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            while True:
+                with contextlib.suppress(
+                    OSError, UnicodeDecodeError, RemoteProtocolError
+                ):
+                    text = await asyncio.to_thread(path.read_text, encoding="ascii")
+                    payload = PairingPayload.decode(text)
+                    return PeerPolicy(
+                        pairing_psk=payload.psk, expected_peer=payload.phone_public
+                    )
+                await asyncio.sleep(0.05)
+
+    async def _connect(self) -> None:
+        from protocol.session import Role, Session
+        from relay.connection import SessionDriver
+        from relay.sim.glasses import PeripheralLink
+
+        peripheral = self._peripheral
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await peripheral.subscribed.wait()
+                peripheral.discard_received()
+                policy = await self._policy()
+                session = Session(Role.GLASSES, self._identity, policy)
+                link = _CountingLink(PeripheralLink(peripheral, ()), self._wrote)
+                driver = SessionDriver(session, link, self._on_event, name="replay")
+                self._driver = driver
+                self._task = asyncio.create_task(driver.run(), name="replay glasses")
+                await self._established.wait()
+        except TimeoutError:
+            raise ConfigError(
+                f"the daemon did not pair with the emulated glasses within "
+                f"{CONNECT_TIMEOUT_S:g} s"
+            ) from None
+
+    def _on_event(self, event: SessionEvent) -> None:
+        from protocol.bodies import ClockSync
+        from protocol.session import (
+            HandshakeCompleted,
+            MessageReceived,
+            MessagesAcknowledged,
+        )
+
+        if isinstance(event, HandshakeCompleted):
+            self._established.set()
+        elif isinstance(event, MessagesAcknowledged):
+            self._acked.set()
+        elif isinstance(event, MessageReceived):
+            message = event.message
+            driver = self._driver
+            self.observed.append(message)
+            self._changed.set()
+            if driver is None:
+                return
+            if message.kind is MessageKind.CLOCK_SYNC:
+                with contextlib.suppress(RemoteProtocolError):
+                    sync = ClockSync.decode(message.body)
+                    now = int(time.monotonic() * 1e6)
+                    reply = ClockSync(sync.t1, now, now).encode()
+                    driver.send(Message(MessageKind.CLOCK_SYNC, os.urandom(16), reply))
+            if message.flags & MessageFlags.RELIABLE:
+                driver.acknowledge(message.message_id)
+
+    async def _wait_observed(self, count: int, wait_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                while len(self.observed) < count:
+                    self._changed.clear()
+                    await self._changed.wait()
+
+    async def _send(self, message: Message, wait_s: float) -> None:
+        driver = self._driver
+        assert driver is not None  # noqa: S101
+        session = driver.session
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                while message.flags & MessageFlags.RELIABLE and not (
+                    session.can_send_reliable(len(message.body))
+                ):
+                    self._acked.clear()
+                    await self._acked.wait()
+        if self._task is not None and self._task.done():
+            raise ConfigError("the daemon dropped the link during the replay")
+        driver.send(message)
+        # Keep the recorded order: the link layer serves channels by priority
+        # (a voice chunk would overtake the request queued just before it), so
+        # the next message waits until this one is on the air.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                while session.queued_bytes:
+                    self._wrote.clear()
+                    await self._wrote.wait()
+
+    async def play(
+        self, steps: Sequence[Step], *, timing: str, speed: float, step_timeout: float
+    ) -> IntoDaemonResult:
+        """Connect, send the recorded messages, then compare."""
+        await self._connect()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        expected = [s.expect for s in steps if s.expect is not None]
+        sent = 0
+        before = 0  # recorded daemon writes before the current step
+        for step in steps:
+            if step.expect is not None:
+                before += 1
+                continue
+            if step.send is None:
+                continue
+            if timing == "lockstep":
+                await self._wait_observed(before, step_timeout)
+            elif timing == "faithful":
+                await asyncio.sleep(max(0.0, start + step.t / speed - loop.time()))
+            await self._send(step.send, step_timeout)
+            sent += 1
+        if timing == "faithful" and steps:
+            await asyncio.sleep(max(0.0, start + steps[-1].t / speed - loop.time()))
+        await self._wait_observed(len(expected), SETTLE_S)
+        observed = list(self.observed)
+        diff = diff_messages(expected, observed[: len(expected)])
+        return IntoDaemonResult(
+            timing,
+            sent,
+            len(expected),
+            min(len(observed), len(expected)),
+            max(0, len(observed) - len(expected)),
+            diff,
+        )
+
+    async def close(self) -> None:
+        """Stop the glasses' session."""
+        task = self._task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 def main(argv: Sequence[str] | None = None) -> int:

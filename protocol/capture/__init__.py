@@ -14,6 +14,9 @@ Wireshark decoding.
   :func:`read_packets` stops at the container level.
 - Summarize: :func:`summarize` counts ATT operations per connection, opcode
   and handle.
+- Plaintext comments: :func:`plaintext_comment` and
+  :func:`messages_in_comment` carry decrypted messages beside the packets
+  that carried them (``sniff --plaintext``).
 
 Errors: every reader, given any bytes, returns a value or raises
 :class:`CaptureError` (a :class:`~protocol.errors.MalformedError`, hence a
@@ -34,6 +37,11 @@ from protocol.capture.containers import (
     read_packets,
 )
 from protocol.capture.errors import CaptureError
+from protocol.capture.plaintext import (
+    PLAINTEXT_PREFIX,
+    messages_in_comment,
+    plaintext_comment,
+)
 from protocol.capture.reader import (
     AttOp,
     Capture,
@@ -62,6 +70,7 @@ from protocol.capture.writer import CaptureWriter
 
 __all__ = [
     "LINKTYPE_BLUETOOTH_HCI_H4_WITH_PHDR",
+    "PLAINTEXT_PREFIX",
     "AttCounts",
     "AttOp",
     "AttOpcode",
@@ -85,8 +94,10 @@ __all__ = [
     "decode_packets",
     "detect_format",
     "glasses_services",
+    "messages_in_comment",
     "normalize_uuid",
     "opcode_name",
+    "plaintext_comment",
     "read_capture",
     "read_packets",
     "summarize",

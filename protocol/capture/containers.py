@@ -546,33 +546,49 @@ def encode_pcapng_idb(
 
 
 def encode_pcapng_epb(
-    timestamp_us: int, data: bytes, *, interface: int = 0, comment: str | None = None
+    timestamp_us: int,
+    data: bytes,
+    *,
+    interface: int = 0,
+    comment: str | None = None,
+    orig_len: int | None = None,
 ) -> bytes:
-    """Return an Enhanced Packet Block; the packet is stored whole."""
+    """Return an Enhanced Packet Block of ``data``.
+
+    ``orig_len`` (default: ``len(data)``) is the packet's length on the wire
+    when ``data`` keeps only its start (a truncated or redacted packet).
+    """
     options = [_option(_OPT_COMMENT, comment.encode())] if comment else []
     fixed = _LE_EPB.pack(
         interface,
         (timestamp_us >> 32) & 0xFFFFFFFF,
         timestamp_us & 0xFFFFFFFF,
         len(data),
-        len(data),
+        max(len(data), len(data) if orig_len is None else orig_len),
     )
     body = fixed + data + b"\x00" * (-len(data) % 4) + _with_options(options)
     return _block(_BLOCK_EPB, body)
 
 
-def encode_btsnoop(datalink: int, records: Iterable[tuple[int, int, bytes]]) -> bytes:
+def encode_btsnoop(
+    datalink: int,
+    records: Iterable[tuple[int, int, bytes] | tuple[int, int, bytes, int]],
+) -> bytes:
     """Return a btsnoop v1 file.
 
     Args:
         datalink: 1001, 1002 or 2001.
-        records: ``(timestamp_us, flags, data)`` per record, Unix time.
+        records: ``(timestamp_us, flags, data)`` per record, Unix time, or
+            ``(timestamp_us, flags, data, orig_len)`` for a record that keeps
+            only the start of its packet.
     """
     out = [_BTSNOOP_HEADER.pack(_BTSNOOP_MAGIC, 1, datalink)]
-    for timestamp_us, flags, data in records:
+    for record in records:
+        timestamp_us, flags, data = record[0], record[1], record[2]
+        orig_len = max(len(data), record[3] if len(record) == 4 else len(data))
         out.append(
             _BTSNOOP_RECORD.pack(
-                len(data), len(data), flags, 0, timestamp_us + BTSNOOP_EPOCH_DELTA_US
+                orig_len, len(data), flags, 0, timestamp_us + BTSNOOP_EPOCH_DELTA_US
             )
         )
         out.append(data)

@@ -473,7 +473,8 @@ class _Decoder:
         """Reassemble as Wireshark's bthci_acl does.
 
         A start fragment whose declared length covers the whole L2CAP PDU is
-        complete (and ``truncated`` if fewer bytes were stored). Otherwise
+        complete (and ``truncated`` if fewer bytes were stored, or the packet
+        was stored shorter than it was on the wire). Otherwise
         stored bytes are collected and the PDU completes when they add up
         exactly to its length; a continuation that would overrun is ignored,
         so a PDU with a truncated fragment never completes.
@@ -489,7 +490,9 @@ class _Decoder:
             expected = _U16.unpack_from(fragment)[0] + 4
             if declared >= expected:
                 pdu = fragment[:expected]
-                self.pdu(conn, direction, pdu, len(pdu) < expected, p)
+                # Short of its length, or cut by a redactor that fixed the
+                # lengths up (the packet is still shorter than on the wire).
+                self.pdu(conn, direction, pdu, len(pdu) < expected or p.truncated, p)
             else:
                 partials[key] = _Partial(bytearray(fragment), expected)
             return

@@ -15,6 +15,8 @@ with a real radio, or :mod:`relay.sim`'s bumble backend for emulated glasses.
   gap and the delivery rules resend).
 - Writes are paced: one writer task drains a bounded queue of fragments, so
   producers wait (backpressure) instead of bursting into the OS.
+- An optional :class:`LinkTap` (``BackendSpec.tap``) sees every value as it
+  crosses the air (``glasses-relay sniff``); without one, nothing is called.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from bleak import BleakClient, BleakScanner
 from bleak.backends.characteristic import BleakGATTCharacteristic
@@ -36,12 +38,41 @@ from bleak_retry_connector import establish_connection
 from protocol.gatt import NAME_PREFIX, RX_CHAR_UUID, SERVICE_UUID, TX_CHAR_UUID
 from relay.errors import LinkError, LinkTimeoutError
 
-__all__ = ["BackendSpec", "BleLink", "LinkConfig", "LinkStats", "find_glasses"]
+__all__ = [
+    "BackendSpec",
+    "BleLink",
+    "LinkConfig",
+    "LinkStats",
+    "LinkTap",
+    "find_glasses",
+]
 
 ATT_MAX_VALUE: Final = 512
 """Largest attribute value (Core spec Vol 3, Part F, 3.2.9)."""
 
 _LOGGER: Final = logging.getLogger(__name__)
+
+
+class LinkTap(Protocol):
+    """Sees the GATT traffic of every link made with it (``glasses-relay sniff``).
+
+    Each method is called synchronously on the event loop and must only
+    record (no awaiting, no raising, no blocking I/O): ``value_received`` runs
+    in bleak's notification callback. Values are the bytes as they crossed
+    the air, in full; they are ciphertext after the handshake.
+    """
+
+    def link_up(self, link: BleLink, client: BleakClient) -> None:
+        """Connected, services discovered, about to subscribe: before any value."""
+
+    def value_received(self, link: BleLink, value: bytes) -> None:
+        """A notification from the glasses arrived (also one the queue dropped)."""
+
+    def value_written(self, link: BleLink, value: bytes) -> None:
+        """A write without response of ``value`` was handed to bleak."""
+
+    def link_down(self, link: BleLink) -> None:
+        """The link is closed (called once)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +81,14 @@ class BackendSpec:
 
     ``client`` and ``scanner`` are bleak backend classes (``None``: the
     platform's default); ``extra`` is passed as keyword arguments to both
-    ``BleakClient`` and ``BleakScanner`` (e.g. ``bumble_adapter=``).
+    ``BleakClient`` and ``BleakScanner`` (e.g. ``bumble_adapter=``);
+    ``tap``, if set, is given every link's traffic (see :class:`LinkTap`).
     """
 
     client: type | None = None
     scanner: type | None = None
     extra: Mapping[str, object] = field(default_factory=dict)
+    tap: LinkTap | None = None
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``BleakClient``."""
@@ -166,11 +199,19 @@ class BleLink:
     ``async with``). A link is single-use: after it is lost, connect anew.
     """
 
-    def __init__(self, client: BleakClient, config: LinkConfig, name: str) -> None:
+    def __init__(
+        self,
+        client: BleakClient,
+        config: LinkConfig,
+        name: str,
+        *,
+        tap: LinkTap | None = None,
+    ) -> None:
         """Wrap a connected client; use :meth:`connect` instead."""
         self._client = client
         self._config = config
         self.name = name
+        self._tap = tap
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue(config.notify_queue)
         self._outbox: asyncio.Queue[bytes] = asyncio.Queue(config.write_window)
         self._lost = asyncio.Event()
@@ -226,7 +267,7 @@ class BleLink:
             ) from exc
         except BleakError as exc:
             raise LinkError(f"{name}: connection failed: {exc}") from exc
-        link = cls(client, config, name)
+        link = cls(client, config, name, tap=backend.tap)
         holder.append(link)
         try:
             await link._start()
@@ -244,6 +285,8 @@ class BleLink:
                 f"{self.name}: not glasses-relay glasses (characteristics missing)"
             )
         self._rx = rx
+        if self._tap is not None:
+            self._tap.link_up(self, self._client)  # before any value can arrive
         try:
             await self._client.start_notify(tx, self._on_notify)
         except BleakError as exc:
@@ -257,6 +300,8 @@ class BleLink:
 
     def _on_notify(self, _char: BleakGATTCharacteristic, data: bytearray) -> None:
         # Synchronous on purpose: an async callback lets bleak reorder notifications.
+        if self._tap is not None:
+            self._tap.value_received(self, bytes(data))
         try:
             self._inbox.put_nowait(bytes(data))
         except asyncio.QueueFull:
@@ -354,6 +399,8 @@ class BleLink:
                     await self._client.write_gatt_char(rx, fragment, response=False)
                 finally:
                     self._outbox.task_done()
+                if self._tap is not None:
+                    self._tap.value_written(self, fragment)
                 self._fragments_out += 1
                 self._bytes_out += len(fragment)
         except BleakError as exc:
@@ -373,6 +420,9 @@ class BleLink:
     async def aclose(self) -> None:
         """Stop writing and disconnect; safe to call twice."""
         self._lost.set()
+        tap, self._tap = self._tap, None
+        if tap is not None:
+            tap.link_down(self)
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
