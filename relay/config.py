@@ -47,6 +47,7 @@ import platformdirs
 from protocol.gatt import NAME_PREFIX
 from protocol.session import SessionConfig
 from relay.ble.link import LinkConfig
+from relay.capture_ring import MIN_RING_BYTES, RingConfig
 from relay.cloudlink import CloudConfig
 from relay.errors import ConfigError, UplinkConfigError
 from relay.outbox import OutboxConfig, Synchronous
@@ -342,6 +343,7 @@ _SESSION: Final = SessionConfig()
 _OUTBOX: Final = OutboxConfig()
 _CLOUD: Final = CloudConfig()
 _POLICY: Final = Policy()
+_RING: Final = RingConfig()
 
 KEYS: Final[tuple[Key, ...]] = (
     Key("glasses", "address", _Str(_ADDRESS_TEXT, pattern=_ADDRESS), None, "--address"),
@@ -417,6 +419,13 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("router", "data_saver", _Bool(), _POLICY.data_saver),
     Key("router", "late_cloud_follows", _Bool(), _POLICY.late_cloud_follows),
     Key("status", "port", _Int(1, 65535), None, "--status-port"),
+    Key("capture", "ring_minutes", _Int(0, 1440, "minutes"), 0, "--capture-ring"),
+    Key(
+        "capture",
+        "ring_bytes",
+        _Int(MIN_RING_BYTES, 1 << 30, "bytes"),
+        _RING.max_bytes,
+    ),
     Key("logging", "level", _Choice(LEVELS), "warning", "-v/-vv"),
 )
 """Every key, in the order of docs/configuration.md and ``--print-config``."""
@@ -521,6 +530,7 @@ class RelayConfig:
         policy: ``[router]``: the routing policy.
         strategy: ``router.strategy``: the router or a baseline.
         status: ``[status]``: where the status API listens.
+        capture: ``[capture]``: the daemon's rolling capture of the link.
         logging: ``[logging]``: the log level.
         file: The configuration file read, or None.
         effective: Every key's value and source, for ``--print-config``.
@@ -535,6 +545,7 @@ class RelayConfig:
     policy: Policy = field(default_factory=Policy)
     strategy: Strategy = Strategy.ROUTER
     status: StatusSettings = field(default_factory=StatusSettings)
+    capture: RingConfig = field(default_factory=RingConfig)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     file: Path | None = None
     effective: Mapping[str, Setting] = field(
@@ -849,6 +860,10 @@ def _build(
             strategy=Strategy(v.get_str("router.strategy")),
             status=StatusSettings(
                 port=None if v.get("status.port") is None else v.get_int("status.port")
+            ),
+            capture=RingConfig(
+                minutes=v.get_int("capture.ring_minutes"),
+                max_bytes=v.get_int("capture.ring_bytes"),
             ),
             logging=LoggingSettings(level=v.get_str("logging.level")),
             file=path,

@@ -66,6 +66,7 @@ from protocol.session import (
 )
 from relay.ble.link import BackendSpec, LinkConfig
 from relay.ble.manager import LinkManager, LinkState
+from relay.capture_ring import CaptureRing, RingConfig, captures_dir
 from relay.cloudlink import CloudConfig, CloudLink
 from relay.errors import ConfigError
 from relay.identity import GatewayKey, PhoneIdentity
@@ -120,6 +121,8 @@ class DaemonConfig:
     max_local_media_bytes: int = 4 << 20
     """Media kept per request for a local answer; beyond it the phone does not
     answer that request itself (the cloud still does)."""
+    capture: RingConfig = field(default_factory=RingConfig)
+    """The rolling capture of the link (``--capture-ring``; off by default)."""
 
 
 @dataclass(slots=True)
@@ -197,10 +200,13 @@ async def supervise(
     *,
     base: float = 0.5,
     cap: float = 30.0,
+    on_failure: Callable[[str], Awaitable[object]] | None = None,
 ) -> None:
     """Run ``component`` forever: restart it with backoff when it fails.
 
     Cancellation ends it. A component that returns normally is done.
+    ``on_failure(name)`` is awaited after each failure, before the backoff
+    (the daemon writes its capture ring there).
     """
     attempt = 0
     rng = random.Random()
@@ -222,6 +228,8 @@ async def supervise(
             attempt += 1
             delay = rng.uniform(0, min(cap, base * 2**attempt))
             _LOGGER.exception("%s failed; restarting in %.1f s", name, delay)
+            if on_failure is not None:
+                await on_failure(name)
             await asyncio.sleep(delay)
         else:
             return
@@ -248,6 +256,10 @@ class Daemon:
         self.started = time.monotonic()
         self.outbox = outbox
         self._events: asyncio.Queue[SessionEvent] = asyncio.Queue(config.intake_queue)
+        self.capture: CaptureRing | None = None
+        if config.capture.enabled:
+            self.capture = CaptureRing(config.capture, captures_dir(config.state_dir))
+            backend = self.capture.tapping(backend)
         # A device profile may hold several links (one per arm): one manager
         # each, one intake; answers go out on the first link that is up.
         self.links = [
@@ -688,17 +700,29 @@ class Daemon:
     # -- running -----------------------------------------------------------
 
     async def run(self) -> None:
-        """Run every component until cancelled."""
-        restarts = self.stats.restarts
-        async with asyncio.TaskGroup() as group:
-            for index, manager in enumerate(self.links):
-                name = "glasses link" if index == 0 else f"glasses link {index + 1}"
-                group.create_task(supervise(name, manager.run, restarts))
-            group.create_task(supervise("intake", self._intake, restarts))
-            group.create_task(supervise("cloud", self.cloud.run, restarts))
-            group.create_task(
-                supervise("outbox stats", self._refresh_outbox_stats, restarts)
-            )
+        """Run every component until cancelled.
+
+        With a capture ring, a component's failure and an exception leaving
+        here first write the ring to a file (relay/capture_ring.py).
+        """
+        ring = self.capture
+        sup = functools.partial(
+            supervise,
+            restarts=self.stats.restarts,
+            on_failure=None if ring is None else ring.write_after_crash,
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index, manager in enumerate(self.links):
+                    name = "glasses link" if index == 0 else f"glasses link {index + 1}"
+                    group.create_task(sup(name, manager.run))
+                group.create_task(sup("intake", self._intake))
+                group.create_task(sup("cloud", self.cloud.run))
+                group.create_task(sup("outbox stats", self._refresh_outbox_stats))
+        except Exception:
+            if ring is not None:
+                await ring.write_after_crash("the daemon", final=True)
+            raise
 
     def offline_will(self) -> bytes:
         """The sealed "offline" PRESENCE payload for the MQTT last will."""
@@ -770,6 +794,7 @@ class Daemon:
             },
             "router": self._router_status(),
             "requests": [self._trace_json(t) for t in list(self.traces.values())[-50:]],
+            "capture": None if self.capture is None else self.capture.stats(),
             "counters": {
                 "messages_in": self.stats.messages_in,
                 "acked_to_glasses": self.stats.acked_to_glasses,

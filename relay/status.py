@@ -1,5 +1,11 @@
 """The local status API: ``/healthz``, ``/metrics`` (Prometheus), ``/status`` (JSON).
 
+With the daemon's rolling capture (``--capture-ring``): ``POST /capture``
+writes it to a file and returns the path, ``GET /capture.pcapng`` returns it,
+``GET /capture/events?since=N`` returns the link events after number ``N``
+(``glasses-relay sniff --from-daemon``). Without one, these answer 404 with
+one line saying how to turn it on.
+
 Served with aiohttp on a Unix socket with mode 0600 in the state directory
 (``<state>/phone/status.sock``), or on 127.0.0.1:PORT when configured, never
 on a public address. ``glasses-relay status`` finds the socket through the
@@ -8,7 +14,9 @@ state directory. A socket left by a daemon that was killed is replaced.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -16,7 +24,7 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -27,7 +35,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from relay.capture_ring import NO_RING
 from relay.errors import ConfigError
+
+if TYPE_CHECKING:
+    from relay.capture_ring import CaptureRing
 
 __all__ = ["SOCKET_NAME", "StatusServer", "socket_path"]
 
@@ -167,10 +179,16 @@ class StatusServer:
     """Serves the daemon's status until :meth:`close`."""
 
     def __init__(
-        self, status: StatusFn, *, state_dir: Path, tcp_port: int | None = None
+        self,
+        status: StatusFn,
+        *,
+        state_dir: Path,
+        tcp_port: int | None = None,
+        capture: CaptureRing | None = None,
     ) -> None:
         """``status`` returns the /status document; nothing is served until start."""
         self._status = status
+        self._capture = capture
         self._state_dir = state_dir
         self._tcp_port = tcp_port
         self._runner: web.AppRunner | None = None
@@ -189,6 +207,9 @@ class StatusServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/status", self._status_json)
+        app.router.add_post("/capture", self._capture_write)
+        app.router.add_get("/capture.pcapng", self._capture_pcapng)
+        app.router.add_get("/capture/events", self._capture_events)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         if self._tcp_port is not None:
@@ -231,3 +252,50 @@ class StatusServer:
     async def _status_json(self, request: web.Request) -> web.Response:
         del request
         return web.json_response(self._status())
+
+    def _ring(self) -> CaptureRing:
+        if self._capture is None:
+            raise web.HTTPNotFound(
+                text=json.dumps({"error": NO_RING}), content_type="application/json"
+            )
+        return self._capture
+
+    async def _capture_write(self, request: web.Request) -> web.Response:
+        del request
+        ring = self._ring()
+        try:
+            path = await ring.write()
+        except OSError as exc:
+            _LOGGER.warning("capture ring: cannot write: %s", exc)
+            return web.json_response(
+                {"error": f"cannot write the capture: {exc.strerror or exc}"},
+                status=500,
+            )
+        size = (await asyncio.to_thread(path.stat)).st_size
+        return web.json_response(
+            {"path": str(path), "bytes": size, "ring": ring.stats()}
+        )
+
+    async def _capture_pcapng(self, request: web.Request) -> web.Response:
+        del request
+        data = await self._ring().pcapng()
+        return web.Response(
+            body=data,
+            content_type="application/x-pcapng",
+            headers={"Content-Disposition": 'attachment; filename="ring.pcapng"'},
+        )
+
+    async def _capture_events(self, request: web.Request) -> web.Response:
+        ring = self._ring()
+        raw = request.query.get("since")
+        since: int | None = None
+        if raw is not None:
+            try:
+                since = int(raw)
+            except ValueError:
+                since = -1
+            if since < 0:
+                return web.json_response(
+                    {"error": "since: a number of 0 or more"}, status=400
+                )
+        return web.json_response(ring.batch(since))

@@ -126,6 +126,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="serve the status API on 127.0.0.1:PORT instead of the 0600 Unix "
         "socket in the state directory",
     )
+    parser.add_argument(
+        "--capture-ring",
+        metavar="MINUTES",
+        help="keep the last MINUTES of link traffic in memory, written to "
+        "<state>/phone/captures/ on request (POST /capture) or a crash",
+    )
     parser.set_defaults(handler=_run)
 
 
@@ -269,6 +275,7 @@ async def _main(
             policy=config.policy,
             strategy=config.strategy,
             gateway_key_file=config.uplink.gateway_key,
+            capture=config.capture,
             suite=suite,
         )
         ensure_state_dir(state_dir / "phone")
@@ -296,7 +303,10 @@ async def _main(
             state_dir,
         )
         status = StatusServer(
-            daemon.status, state_dir=state_dir, tcp_port=config.status.port
+            daemon.status,
+            state_dir=state_dir,
+            tcp_port=config.status.port,
+            capture=daemon.capture,
         )
         await status.start()
         stack.push_async_callback(status.close)

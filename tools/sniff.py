@@ -14,6 +14,9 @@ synthesized from what bleak reports (docs/capture.md).
 - ``--address ADDR``: real glasses through the platform's Bluetooth stack,
   with the keys in the state directory (pair first with ``glasses-relay
   pair``); messages go to that state directory's outbox, as with ``run``.
+- ``--from-daemon``: the link of the daemon already running for the state
+  directory (``glasses-relay run --capture-ring MINUTES``), through its
+  status API (tools/sniff_daemon.py): what crosses it from now on.
 
 ``--plaintext`` puts the decrypted messages in packet comments beside the
 packets that carried them (``replay --decode`` and the Wireshark dissector
@@ -29,7 +32,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import secrets
 import signal
@@ -37,29 +39,21 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final, Protocol
 
-from protocol.capture import (
-    CaptureWriter,
-    CharacteristicSpec,
-    CharProps,
-    ServiceSpec,
-    glasses_services,
-    plaintext_comment,
-    read_capture,
-    summarize,
-)
+from protocol.capture import plaintext_comment, read_capture, summarize
 from protocol.capture.rewrite import pcapng_to_btsnoop, redact
+from protocol.capture.stream import LinkCapture
 from protocol.constants import Channel, RecordType
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.events import RecordReassembled
-from protocol.gatt import RX_CHAR_UUID, TX_CHAR_UUID
 from protocol.link import Reassembler
 from protocol.message import Message
 from protocol.record import RecordHeader
+from relay.capture_ring import link_info
 from relay.errors import ConfigError
 from tools.output import emit_json, say
 
@@ -77,8 +71,6 @@ _LOGGER: Final = logging.getLogger(__name__)
 
 FORMATS: Final = {".pcapng": "pcapng", ".btsnoop": "btsnoop"}
 """Output formats by file extension."""
-FIRST_CONNECTION_HANDLE: Final = 0x0040
-"""HCI handle of the first recorded connection; later ones count up."""
 PLAINTEXT_HOLD_S: Final = 2.0
 """With --plaintext, how long a notification waits for its decrypted messages
 before it is written without them (records that never open)."""
@@ -87,16 +79,6 @@ PLAINTEXT_KEPT: Final = 4096
 FLUSH_INTERVAL_S: Final = 0.25
 PROGRESS_INTERVAL_S: Final = 1.0
 MAX_DURATION_S: Final = 24 * 3600.0
-_PROPS: Final = {
-    "broadcast": CharProps.BROADCAST,
-    "read": CharProps.READ,
-    "write-without-response": CharProps.WRITE_WITHOUT_RESPONSE,
-    "write": CharProps.WRITE,
-    "notify": CharProps.NOTIFY,
-    "indicate": CharProps.INDICATE,
-    "authenticated-signed-writes": CharProps.AUTHENTICATED_SIGNED_WRITES,
-    "extended-properties": CharProps.EXTENDED_PROPERTIES,
-}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -112,6 +94,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--sim", action="store_true", help="emulated glasses in this process"
     )
     source.add_argument("--address", help="real glasses with this Bluetooth address")
+    source.add_argument(
+        "--from-daemon",
+        action="store_true",
+        help="the running daemon's link, through its status API (the daemon "
+        "must run with --capture-ring MINUTES)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -148,6 +136,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="scenario seed of the emulated glasses"
     )
+    parser.add_argument(
+        "--port",
+        type=int,
+        help="with --from-daemon: a daemon started with --status-port PORT",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=run)
 
@@ -161,11 +154,20 @@ class SniffOptions:
     duration: float
     sim: bool
     address: str | None
+    from_daemon: bool
+    port: int | None
     plaintext: bool
     redact: bool
     truncate: int | None
     profile: str
     seed: int
+
+    @property
+    def source(self) -> str:
+        """``sim``, ``address`` or ``daemon``."""
+        if self.from_daemon:
+            return "daemon"
+        return "sim" if self.sim else "address"
 
 
 def _options(args: argparse.Namespace) -> SniffOptions:
@@ -187,6 +189,14 @@ def _options(args: argparse.Namespace) -> SniffOptions:
         raise ConfigError("--truncate must be 0 or more")
     if args.plaintext and args.redact:
         raise ConfigError("--plaintext and --redact exclude each other")
+    if args.plaintext and args.from_daemon:
+        raise ConfigError(
+            "--plaintext is for --sim and --address: the daemon keeps ciphertext only"
+        )
+    if args.port is not None and not args.from_daemon:
+        raise ConfigError("--port is for --from-daemon")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise ConfigError("--port must be 1 to 65535")
     from relay.sim.profiles import DEFAULT_PROFILE, PROFILES
 
     profile = args.profile or DEFAULT_PROFILE
@@ -205,6 +215,8 @@ def _options(args: argparse.Namespace) -> SniffOptions:
         duration=duration,
         sim=bool(args.sim),
         address=address,
+        from_daemon=bool(args.from_daemon),
+        port=args.port,
         plaintext=bool(args.plaintext),
         redact=bool(args.redact),
         truncate=args.truncate,
@@ -223,37 +235,10 @@ def _is_address(text: str) -> bool:
 # --- the recorder -------------------------------------------------------------
 
 
-def _services_of(client: BleakClient) -> tuple[ServiceSpec, ...]:
-    """The client's service table as the writer takes it (ours if unreadable)."""
-    out = []
-    try:
-        for service in client.services:
-            chars = []
-            for char in service.characteristics:
-                props = CharProps.NONE
-                for name in char.properties:
-                    props |= _PROPS.get(name, CharProps.NONE)
-                chars.append(CharacteristicSpec(char.uuid, props))
-            out.append(ServiceSpec(service.uuid, tuple(chars)))
-    except Exception:  # noqa: BLE001 - any backend oddity: fall back to ours
-        return glasses_services()
-    uuids = {c.uuid.lower() for s in out for c in s.characteristics}
-    if TX_CHAR_UUID not in uuids or RX_CHAR_UUID not in uuids:
-        return glasses_services()
-    return tuple(out)
-
-
-def _peer(address: str) -> str:
-    """A Bluetooth address for the capture (CoreBluetooth gives UUIDs instead)."""
-    if _is_address(address):
-        return address.upper()
-    digest = hashlib.sha256(address.encode()).digest()
-    return ":".join(f"{b:02X}" for b in (bytes([digest[0] | 0xC0]) + digest[1:6]))
-
-
 @dataclass(slots=True)
 class _Connection:
-    handle: int
+    link: int
+    """The link's number in the capture."""
     up: Reassembler
     down: Reassembler
     session: Session | None = None
@@ -268,7 +253,7 @@ class _Held:
     emit: Callable[[str | None], bytes]
     t: float
     key: tuple[int, int] | None = None
-    """(connection, counter) of the record whose plaintext it waits for."""
+    """(link, counter) of the record whose plaintext it waits for."""
 
 
 class Recorder:
@@ -277,7 +262,9 @@ class Recorder:
     Every link gets an HCI connection handle, an LE Connection Complete, an
     MTU exchange, the discovery of its service table and the CCCD write;
     then one ATT PDU per value, and a Disconnection Complete when it
-    closes. :meth:`take` returns the pcapng bytes produced so far.
+    closes (:class:`protocol.capture.stream.LinkCapture`, which the daemon's
+    capture ring uses too). :meth:`take` returns the pcapng bytes produced
+    so far.
 
     With ``plaintext``, call :meth:`watch` with the daemon's link managers:
     the recorder then looks at each link's session (see :meth:`_observe`) and
@@ -295,23 +282,24 @@ class Recorder:
         self._plaintext = plaintext
         self._clock = clock
         self._offset = (time.time() if wall is None else wall) - clock()
-        self._writer: CaptureWriter | None = None
+        self._capture = LinkCapture(
+            comment="Recorded by glasses-relay sniff from the daemon's BLE link."
+        )
         self._connections: dict[int, _Connection] = {}
-        self._next_handle = FIRST_CONNECTION_HANDLE
         self._out: list[bytes] = []
         self._held: deque[_Held] = deque()
         self._managers: Sequence[LinkManager] = ()
         self._sent: dict[tuple[int, int], list[Message]] = {}
         self._received: dict[tuple[int, int], list[Message]] = {}
-        self.packets = 0
-        """HCI packets written so far."""
-        self.bytes = 0
-        """pcapng bytes produced so far."""
         self.values = 0
         """ATT values seen so far (writes and notifications)."""
         self.comments = 0
         """Packets that got a plaintext comment."""
         self.links = 0
+        self.packets = 0
+        """Packets written so far."""
+        self.bytes = 0
+        """Bytes of pcapng produced so far."""
 
     def watch(self, managers: Sequence[LinkManager]) -> None:
         """Decrypted messages come from these managers' sessions (--plaintext)."""
@@ -326,34 +314,21 @@ class Recorder:
     def link_up(self, link: BleLink, client: BleakClient) -> None:
         """Synthesize connection, MTU exchange, discovery and subscription."""
         t = self.now()
-        if self._writer is None:
-            self._writer = CaptureWriter(
-                _services_of(client),
-                comment="Recorded by glasses-relay sniff from the daemon's BLE link.",
-                keep=False,
-            )
-            self._write(self._writer.header)
-        handle = self._next_handle
-        self._next_handle = FIRST_CONNECTION_HANDLE + (self.links + 1) % 0x0E00
+        info = link_info(client)
         self.links += 1
-        self._connections[id(link)] = _Connection(handle, Reassembler(), Reassembler())
-        peer = _peer(client.address)
-        mtu = max(23, min(int(getattr(client, "mtu_size", 23) or 23), 0xFFFF))
+        number = self.links
+        self._connections[id(link)] = _Connection(number, Reassembler(), Reassembler())
+        capture = self._capture
 
         def emit(_comment: str | None) -> bytes:
-            w = self._writer
-            assert w is not None  # noqa: S101
-            out = w.connect(handle, peer, t)
-            out += w.mtu(handle, mtu, t)
-            out += w.discover(handle, t)
-            return out + w.subscribe(handle, TX_CHAR_UUID, t)
+            return capture.link_up(number, info, t)
 
         self._hold(_Held(emit, t))
 
     def value_received(self, link: BleLink, value: bytes) -> None:
         """A notification: TX value, glasses to phone."""
         conn = self._connections.get(id(link))
-        if conn is None or self._writer is None:
+        if conn is None:
             return
         t = self.now()
         self.values += 1
@@ -361,19 +336,19 @@ class Recorder:
         if self._plaintext:
             self._observe(link, conn)
             counter = _data_counter(conn.up, value, t)
-            key = None if counter is None else (conn.handle, counter)
-        handle = conn.handle
-        writer = self._writer
+            key = None if counter is None else (conn.link, counter)
+        number = conn.link
+        capture = self._capture
 
         def emit(comment: str | None) -> bytes:
-            return writer.att_notify(handle, TX_CHAR_UUID, value, t, comment=comment)
+            return capture.notify(number, value, t, comment=comment)
 
         self._hold(_Held(emit, t, key))
 
     def value_written(self, link: BleLink, value: bytes) -> None:
         """A write without response: RX value, phone to glasses."""
         conn = self._connections.get(id(link))
-        if conn is None or self._writer is None:
+        if conn is None:
             return
         t = self.now()
         self.values += 1
@@ -382,30 +357,23 @@ class Recorder:
             self._observe(link, conn)
             counter = _data_counter(conn.down, value, t)
             if counter is not None:
-                messages = self._sent.pop((conn.handle, counter), None)
+                messages = self._sent.pop((conn.link, counter), None)
                 if messages:
                     comment = plaintext_comment(messages)
                     self.comments += 1
-        handle = conn.handle
-        writer = self._writer
+        number = conn.link
+        capture = self._capture
 
         def emit(_comment: str | None) -> bytes:
-            return writer.att_write_cmd(handle, RX_CHAR_UUID, value, t, comment=comment)
+            return capture.write(number, value, t, comment=comment)
 
         self._hold(_Held(emit, t))
 
     def link_down(self, link: BleLink) -> None:
         """The link closed: a Disconnection Complete."""
         conn = self._connections.pop(id(link), None)
-        if conn is None or self._writer is None:
-            return
-        t = self.now()
-        writer = self._writer
-
-        def emit(_comment: str | None) -> bytes:
-            return writer.disconnect(conn.handle, t)
-
-        self._hold(_Held(emit, t))
+        if conn is not None:
+            self._hold_down(conn.link, self.now())
 
     # -- output -----------------------------------------------------------
 
@@ -420,21 +388,18 @@ class Recorder:
 
     def close_all(self) -> None:
         """Write a Disconnection Complete for every link still open."""
-        writer = self._writer
         t = self.now()
-        for conn in list(self._connections.values()):
-            assert writer is not None  # noqa: S101
-
-            def emit(_comment: str | None, handle: int = conn.handle) -> bytes:
-                assert writer is not None  # noqa: S101
-                return writer.disconnect(handle, t)
-
-            self._hold(_Held(emit, t))
+        for conn in self._connections.values():
+            self._hold_down(conn.link, t)
         self._connections.clear()
 
-    def _write(self, data: bytes) -> None:
-        self._out.append(data)
-        self.bytes += len(data)
+    def _hold_down(self, number: int, t: float) -> None:
+        capture = self._capture
+
+        def emit(_comment: str | None) -> bytes:
+            return capture.link_down(number, t)
+
+        self._hold(_Held(emit, t))
 
     def _hold(self, held: _Held) -> None:
         self._held.append(held)
@@ -465,12 +430,13 @@ class Recorder:
                 # A link that closed before its first packet was written.
                 _LOGGER.debug("sniff: a packet of a closed connection skipped")
                 continue
-            self.packets += _blocks(data)
-            self._write(data)
+            self._out.append(data)
+            self.packets = self._capture.packets
+            self.bytes = self._capture.bytes
 
     def _opened(self, key: tuple[int, int]) -> bool:
         for conn in self._connections.values():
-            if conn.handle == key[0]:
+            if conn.link == key[0]:
                 return conn.opened >= key[1]
         return True  # the link is gone: nothing more will open
 
@@ -496,7 +462,7 @@ class Recorder:
         else:
             return
         conn.session = session
-        handle = conn.handle
+        number = conn.link
         send = session.send
         events_received = session.events_received
         sent, received = self._sent, self._received
@@ -513,7 +479,7 @@ class Recorder:
                 and before is not None
                 and transport.send_counter == before + 1
             ):
-                _bounded_put(sent, (handle, before), message)
+                _bounded_put(sent, (number, before), message)
 
         def observed_events() -> list[SessionEvent]:
             from protocol.session import MessageReceived
@@ -524,7 +490,7 @@ class Recorder:
                 highest = transport.replay_window.highest
                 for event in events:
                     if isinstance(event, MessageReceived):
-                        _bounded_put(received, (handle, highest), event.message)
+                        _bounded_put(received, (number, highest), event.message)
                 conn.opened = max(conn.opened, highest)
             return events
 
@@ -557,18 +523,6 @@ def _data_counter(reassembler: Reassembler, value: bytes, t: float) -> int | Non
     return None
 
 
-def _blocks(data: bytes) -> int:
-    """Number of pcapng blocks in ``data`` (each packet is one)."""
-    count = offset = 0
-    while offset + 8 <= len(data):
-        size = int.from_bytes(data[offset + 4 : offset + 8], "little")
-        if size < 12:
-            break
-        offset += size
-        count += 1
-    return count
-
-
 # --- running ----------------------------------------------------------------------
 
 
@@ -577,65 +531,107 @@ def run(args: argparse.Namespace) -> int:
 
     Raises:
         ConfigError: a bad option, an unusable output path, no Bluetooth
-            adapter, or glasses not found.
+            adapter, glasses not found, or (``--from-daemon``) no daemon
+            keeping a capture ring.
     """
     options = _options(args)
-    summary = asyncio.run(_sniff(options, args.state_dir))
+    if options.from_daemon:
+        from tools.sniff_daemon import record_from_daemon
+
+        summary = asyncio.run(record_from_daemon(options, args.state_dir))
+    else:
+        summary = asyncio.run(_sniff(options, args.state_dir))
     if args.json:
         emit_json(summary)
     return 0
 
 
-async def _sniff(options: SniffOptions, state_flag: str | None) -> dict[str, object]:
-    recorder = Recorder(plaintext=options.plaintext)
-    part = options.out.with_name(options.out.name + ".part")
+@contextlib.asynccontextmanager
+async def part_file(out: Path) -> AsyncIterator[tuple[Path, BinaryIO]]:
+    """``OUT.part``, where the recording goes: closed at the end, removed on errors."""
+    part = out.with_name(out.name + ".part")
     try:
         file = await asyncio.to_thread(part.open, "wb")
     except OSError as exc:
         raise ConfigError(f"cannot write {part}: {exc.strerror or exc}") from exc
-    started = time.monotonic()
-    # Ctrl-C (or SIGTERM) ends the recording early; the file is still written.
+    try:
+        yield part, file
+    except BaseException:
+        await asyncio.to_thread(file.close)
+        await asyncio.to_thread(part.unlink, missing_ok=True)
+        raise
+    await asyncio.to_thread(file.close)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[asyncio.Event]:
+    """An event set by Ctrl-C or SIGTERM: the recording ends early, still written."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        async with contextlib.AsyncExitStack() as stack:
-            daemon = await stack.enter_async_context(
-                _daemon(options, state_flag, recorder)
-            )
-            if options.plaintext:
-                recorder.watch(daemon.links)
-            task = asyncio.create_task(daemon.run(), name="sniff daemon")
-            try:
-                await _record(options, recorder, file, task, started, stop)
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                await daemon.close()
-        recorder.close_all()
-        await asyncio.to_thread(file.write, recorder.take(final=True))
-    except BaseException:
-        await asyncio.to_thread(file.close)
-        await asyncio.to_thread(part.unlink, missing_ok=True)
-        raise
+        yield stop
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-    await asyncio.to_thread(file.close)
-    elapsed = time.monotonic() - started
+
+
+async def finish(
+    options: SniffOptions,
+    part: Path,
+    elapsed: float,
+    *,
+    nothing: str,
+    comments: int = 0,
+    extra: dict[str, object] | None = None,
+) -> dict[str, object]:
+    """Redact or convert the closed ``part`` as asked, move it to ``--out``.
+
+    Returns the summary; raises ConfigError(``nothing``) if nothing was
+    recorded.
+    """
     data = await asyncio.to_thread(part.read_bytes)
     if not data:
         await asyncio.to_thread(part.unlink)
-        raise ConfigError("no glasses connected: nothing was recorded")
+        raise ConfigError(nothing)
     if options.redact:
         data = redact(data, key=secrets.token_bytes(32), truncate=options.truncate)
     if options.format == "btsnoop":
         data = pcapng_to_btsnoop(data)
     await asyncio.to_thread(part.write_bytes, data)
     await asyncio.to_thread(part.replace, options.out)
-    return _summary(options, data, recorder, elapsed)
+    return _summary(options, data, comments, elapsed, extra or {})
+
+
+async def _sniff(options: SniffOptions, state_flag: str | None) -> dict[str, object]:
+    recorder = Recorder(plaintext=options.plaintext)
+    async with part_file(options.out) as (part, file):
+        started = time.monotonic()
+        with stop_on_signals() as stop:
+            async with contextlib.AsyncExitStack() as stack:
+                daemon = await stack.enter_async_context(
+                    _daemon(options, state_flag, recorder)
+                )
+                if options.plaintext:
+                    recorder.watch(daemon.links)
+                task = asyncio.create_task(daemon.run(), name="sniff daemon")
+                try:
+                    await _record(options, recorder, file, task, started, stop)
+                finally:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    await daemon.close()
+        recorder.close_all()
+        await asyncio.to_thread(file.write, recorder.take(final=True))
+    return await finish(
+        options,
+        part,
+        time.monotonic() - started,
+        nothing="no glasses connected: nothing was recorded",
+        comments=recorder.comments if options.plaintext else 0,
+    )
 
 
 async def _record(
@@ -661,18 +657,33 @@ async def _record(
         now = time.monotonic()
         if next_progress <= now < deadline and not stop.is_set():
             next_progress += PROGRESS_INTERVAL_S
-            _progress(recorder, now - started, tty=tty)
+            progress(recorder, now - started, tty=tty)
     if task.done() and not task.cancelled():
         task.result()  # the daemon stopped: say why
-    _progress(recorder, time.monotonic() - started, tty=tty, last=True)
+    progress(recorder, time.monotonic() - started, tty=tty, last=True)
 
 
-def _progress(
-    recorder: Recorder, elapsed: float, *, tty: bool, last: bool = False
-) -> None:
+class Counts(Protocol):
+    """What the progress line shows."""
+
+    @property
+    def values(self) -> int:
+        """ATT values recorded."""
+
+    @property
+    def packets(self) -> int:
+        """Packets written."""
+
+    @property
+    def bytes(self) -> int:
+        """Bytes written."""
+
+
+def progress(counts: Counts, elapsed: float, *, tty: bool, last: bool = False) -> None:
+    """The progress line on standard error (rewritten in place on a terminal)."""
     line = (
-        f"sniff: {elapsed:5.1f} s, {recorder.values} ATT values, "
-        f"{recorder.packets} packets, {recorder.bytes} bytes"
+        f"sniff: {elapsed:5.1f} s, {counts.values} ATT values, "
+        f"{counts.packets} packets, {counts.bytes} bytes"
     )
     if tty:
         sys.stderr.write("\r" + line + ("\n" if last else ""))
@@ -747,7 +758,11 @@ async def _check_adapter(address: str, scan_s: float) -> None:
 
 
 def _summary(
-    options: SniffOptions, data: bytes, recorder: Recorder, elapsed: float
+    options: SniffOptions,
+    data: bytes,
+    comments: int,
+    elapsed: float,
+    extra: dict[str, object],
 ) -> dict[str, object]:
     capture = read_capture(data)
     summary = summarize(capture)
@@ -757,7 +772,7 @@ def _summary(
     doc: dict[str, object] = {
         "out": str(options.out),
         "format": options.format,
-        "source": "sim" if options.sim else "address",
+        "source": options.source,
         "duration_s": round(elapsed, 3),
         "capture_duration_s": round(duration, 3),
         "packets": capture.packets,
@@ -767,9 +782,10 @@ def _summary(
         "att_pdus": summary.att_total,
         "values": pdus,
         "values_per_s": round(pdus / duration, 2) if duration > 0 else 0.0,
-        "plaintext_comments": recorder.comments if options.plaintext else 0,
+        "plaintext_comments": comments,
         "redacted": options.redact,
         "truncate": options.truncate,
+        **extra,
     }
     say(
         f"sniff: wrote {options.out} ({options.format}, {capture.packets} packets, "

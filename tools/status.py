@@ -19,7 +19,7 @@ from relay.state import resolve_state_dir
 from relay.status import socket_path
 from tools.output import emit_json, say
 
-__all__ = ["register"]
+__all__ = ["daemon_endpoint", "register"]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,17 +37,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(handler=_run)
 
 
+def daemon_endpoint(
+    state_flag: str | None, port: int | None
+) -> tuple[aiohttp.BaseConnector, str] | None:
+    """A connector to the daemon's status API and its base URL.
+
+    The daemon's 0600 Unix socket in the state directory, or 127.0.0.1:PORT
+    for a daemon started with ``--status-port``; None when there is no
+    socket. Call it in a running event loop.
+    """
+    if port is not None:
+        return aiohttp.TCPConnector(), f"http://127.0.0.1:{port}"
+    path = socket_path(resolve_state_dir(state_flag))
+    if not path.exists():
+        return None
+    return aiohttp.UnixConnector(path=str(path)), "http://daemon"
+
+
 async def _fetch(args: argparse.Namespace) -> dict[str, object] | None:
-    state_dir = resolve_state_dir(args.state_dir)
-    if args.port is not None:
-        connector: aiohttp.BaseConnector = aiohttp.TCPConnector()
-        url = f"http://127.0.0.1:{args.port}/status"
-    else:
-        path = socket_path(state_dir)
-        if not path.exists():
-            return None
-        connector = aiohttp.UnixConnector(path=str(path))
-        url = "http://daemon/status"
+    endpoint = daemon_endpoint(args.state_dir, args.port)
+    if endpoint is None:
+        return None
+    connector, base = endpoint
+    url = f"{base}/status"
     timeout = aiohttp.ClientTimeout(total=5)
     try:
         async with (
