@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,9 @@ __all__ = [
     "MqttConfig",
     "MqttUplink",
 ]
+
+_NODELAY: Final = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+"""Socket options of the MQTT client: no Nagle delay on small publishes."""
 
 logger = logging.getLogger(__name__)
 
@@ -311,6 +315,8 @@ class MqttUplink(ReconnectingUplink[aiomqtt.Client]):
             max_inflight_messages=cfg.max_inflight,
             max_queued_outgoing_messages=cfg.max_pending,
             tls_context=self._tls,
+            # QoS 1 exchanges must not wait for delayed ACKs (40 ms each).
+            socket_options=_NODELAY,
         )
         client.pending_calls_threshold = cfg.max_pending + _PENDING_SLACK
         return client

@@ -22,6 +22,7 @@ import logging
 import math
 import random
 import secrets
+import socket
 import ssl
 from typing import Final
 
@@ -35,6 +36,9 @@ from tools.cloud.config import GatewayConfig
 from tools.cloud.gateway import Channel, Gateway
 
 __all__ = ["MqttTransport"]
+
+_NODELAY: Final = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+"""Socket options of the MQTT client: no Nagle delay on small publishes."""
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +157,8 @@ class MqttTransport:
             max_queued_outgoing_messages=MAX_QUEUED_OUTGOING,
             max_queued_incoming_messages=MAX_QUEUED_INCOMING,
             tls_context=tls,
+            # QoS 1 exchanges must not wait for delayed ACKs (40 ms each).
+            socket_options=_NODELAY,
         )
         client.pending_calls_threshold = MAX_QUEUED_OUTGOING
         return client
