@@ -93,6 +93,10 @@ _ROUTES_KEPT: Final = 1024
 _TRACES_KEPT: Final = 200
 _PENDING_KEPT: Final = 64
 """Requests whose local answer, hedge or media is still tracked; oldest dropped."""
+_EARLY_KEPT: Final = 16
+"""Requests whose media arrived before the request itself (a resend after a
+reconnect can reorder them): held until it comes; beyond, the oldest go to the
+cloud as they are."""
 _MEDIA_WAIT_S: Final = 30.0
 """Longest wait for a request's media before the phone gives up answering it."""
 
@@ -301,6 +305,9 @@ class Daemon:
             collections.OrderedDict()
         )
         self._final_parts: dict[bytes, int] = {}
+        self._early: collections.OrderedDict[int, list[Message]] = (
+            collections.OrderedDict()
+        )
 
     # -- events from the glasses -----------------------------------------
 
@@ -404,6 +411,14 @@ class Daemon:
         rid = message.request_id
         final = bool(message.flags & MessageFlags.FINAL)
         pending = self._pending.get(rid)
+        if pending is None and rid not in self._routes:
+            # Media before its request: hold it until the request is routed.
+            self._early.setdefault(rid, []).append(message)
+            while len(self._early) > _EARLY_KEPT:
+                _, orphans = self._early.popitem(last=False)
+                for orphan in orphans:
+                    await self._to_cloud(orphan)
+            return
         if pending is not None:
             if pending.first_chunk_at is None:
                 pending.first_chunk_at = now
@@ -499,10 +514,14 @@ class Daemon:
             pending.media_done.set()
         if route is Route.LOCAL:
             self._spawn(self._answer_locally(pending))
+        else:
+            if request.size == 0:
+                self._final_parts[message.message_id] = rid
+            await self._to_cloud(message)
+        for early in self._early.pop(rid, []):
+            await self._chunk(early)
+        if route is Route.LOCAL:
             return
-        if request.size == 0:
-            self._final_parts[message.message_id] = rid
-        await self._to_cloud(message)
         if route is Route.HEDGED and decision.hedge_after_s is not None:
             self._spawn(self._hedge(pending, capture_end + decision.hedge_after_s))
         if decision.holding:

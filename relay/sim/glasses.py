@@ -479,8 +479,18 @@ class GlassesApp:
     # -- the scenario ----------------------------------------------------------
 
     async def wait_established(self) -> None:
-        """Wait until a session with the phone is up."""
+        """Wait until a session with the phone is up and can carry messages.
+
+        (The handshake's completion is reported a moment before the driver's
+        session takes messages; one sent in between would wait for the next
+        session.)
+        """
         await self._established.wait()
+        for _ in range(1000):
+            driver = self._driver
+            if driver is not None and driver.session.state is SessionState.ESTABLISHED:
+                return
+            await asyncio.sleep(0.01)
 
     async def send(self, message: Message) -> None:
         """Send ``message`` reliably (as the scenario does); for benchmarks."""
