@@ -145,19 +145,35 @@ def lognormal_quantile(median: float, p95: float, q: float) -> float:
 class _Recent:
     """The median of the last ``size`` samples."""
 
-    __slots__ = ("_samples",)
+    __slots__ = ("_max_age_s", "_samples")
 
-    def __init__(self, size: int) -> None:
-        self._samples: collections.deque[float] = collections.deque(maxlen=size)
+    def __init__(self, size: int, max_age_s: float = math.inf) -> None:
+        self._samples: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=size
+        )
+        self._max_age_s = max_age_s
 
-    def add(self, value: float) -> None:
-        self._samples.append(value)
+    def add(self, value: float, at: float = 0.0) -> None:
+        self._samples.append((at, value))
 
-    def median(self) -> float | None:
-        return statistics.median(self._samples) if self._samples else None
+    def shift(self, seconds: float) -> None:
+        """``seconds`` passed unseen by the clock: every sample is that much older."""
+        self._samples = collections.deque(
+            ((at - seconds, v) for at, v in self._samples), maxlen=self._samples.maxlen
+        )
 
-    def minimum(self) -> float | None:
-        return min(self._samples) if self._samples else None
+    def _fresh(self, now: float | None) -> list[float]:
+        if now is None or self._max_age_s == math.inf:
+            return [v for _, v in self._samples]
+        return [v for at, v in self._samples if now - at <= self._max_age_s]
+
+    def median(self, now: float | None = None) -> float | None:
+        fresh = self._fresh(now)
+        return statistics.median(fresh) if fresh else None
+
+    def minimum(self, now: float | None = None) -> float | None:
+        fresh = self._fresh(now)
+        return min(fresh) if fresh else None
 
 
 class BleEstimator:
@@ -258,6 +274,10 @@ class UplinkEstimator:
             within the round-trip floor still gives a bounded sample).
         max_pending: Most sends tracked; when full, newer sends are not
             tracked (the oldest carry the dead-link signal).
+        max_age_s: Samples older than this are forgotten (20 s): a link that
+            was bad a while ago is not assumed bad now, since the router
+            routes away from a bad link and so stops learning about it;
+            back to the prior until new samples come.
 
     Raises:
         ConfigError: A parameter is out of range.
@@ -289,6 +309,7 @@ class UplinkEstimator:
         throughput_sample_min_bytes: int = 16_384,
         min_transfer_s: float = 0.02,
         max_pending: int = 256,
+        max_age_s: float = 20.0,
     ) -> None:
         _positive("uplink rtt_prior_s", rtt_prior_s)
         _positive("uplink bps_prior", bps_prior)
@@ -298,11 +319,12 @@ class UplinkEstimator:
         _at_least("uplink throughput_sample_min_bytes", throughput_sample_min_bytes, 1)
         _positive("uplink min_transfer_s", min_transfer_s)
         _at_least("uplink max_pending", max_pending, 1)
+        _positive("uplink max_age_s", max_age_s)
         self._rtt_prior_s = rtt_prior_s
         self._bps_prior = bps_prior
-        self._rtt = _Recent(recent)
+        self._rtt = _Recent(recent, max_age_s)
         self._floor = _Recent(floor_window)
-        self._bps = _Recent(recent)
+        self._bps = _Recent(recent, max_age_s)
         self._rtt_max_bytes = rtt_sample_max_bytes
         self._throughput_min_bytes = throughput_sample_min_bytes
         self._min_transfer_s = min_transfer_s
@@ -348,15 +370,20 @@ class UplinkEstimator:
         if send.resent or elapsed < 0 or send.waking:
             return
         if send.nbytes + send.ahead <= self._rtt_max_bytes:
-            self._rtt.add(elapsed)
-            self._floor.add(elapsed)
+            self._rtt.add(elapsed, at)
+            self._floor.add(elapsed, at)
         if send.nbytes >= self._throughput_min_bytes:
             if previous_ack is not None and previous_ack > send.at:
                 start = previous_ack
             else:
                 start = send.at + self._rtt_floor()
             transfer = max(at - start, self._min_transfer_s)
-            self._bps.add(send.nbytes / transfer)
+            self._bps.add(send.nbytes / transfer, at)
+
+    def shift(self, seconds: float) -> None:
+        """``seconds`` of idle time passed unseen (benchmarks skip idle gaps)."""
+        self._rtt.shift(seconds)
+        self._bps.shift(seconds)
 
     def down(self, at: float) -> None:
         """Record that the uplink connection dropped: pending sends are forgotten.
@@ -372,18 +399,18 @@ class UplinkEstimator:
         value = self._floor.minimum()
         return self._rtt_prior_s if value is None else value
 
-    def _base_rtt(self) -> float:
-        value = self._rtt.median()
+    def _base_rtt(self, now: float | None = None) -> float:
+        value = self._rtt.median(now)
         return self._rtt_prior_s if value is None else value
 
-    def _base_bps(self) -> float:
-        value = self._bps.median()
+    def _base_bps(self, now: float | None = None) -> float:
+        value = self._bps.median(now)
         return self._bps_prior if value is None else max(value, _MIN_BPS)
 
     def _overdue(self, now: float) -> tuple[float, float]:
         """The round trip and the throughput cap implied by overdue sends."""
-        rtt = self._base_rtt()
-        bps = self._base_bps()
+        rtt = self._base_rtt(now)
+        bps = self._base_bps(now)
         worst_rtt = rtt
         cap = math.inf
         queued = 0
@@ -405,7 +432,7 @@ class UplinkEstimator:
 
     def bps(self, now: float) -> float:
         """The throughput estimate at ``now``, capped by overdue sends."""
-        return max(min(self._base_bps(), self._overdue(now)[1]), _MIN_BPS)
+        return max(min(self._base_bps(now), self._overdue(now)[1]), _MIN_BPS)
 
 
 class DownlinkEstimator:
@@ -712,6 +739,7 @@ class Estimators:
         The radio's idle time grows by them, as it would have in real time.
         """
         self.radio.skip(seconds)
+        self.uplink.shift(seconds)
         self._waking_until -= seconds
 
     def radio_woken(self, at: float) -> None:

@@ -83,7 +83,7 @@ def test_ble_ignores_transfers_too_small_to_measure() -> None:
 
 
 def test_uplink_rtt_robust_to_one_outlier_and_reacts_within_two_samples() -> None:
-    uplink = UplinkEstimator()
+    uplink = UplinkEstimator(max_age_s=1e9)  # samples far apart in time
     assert uplink.rtt_s(0.0) == 0.08  # the prior
     for i in range(3):
         _rtt_sample(uplink, i, 0.08, at=10.0 * i)
@@ -99,7 +99,7 @@ def test_uplink_rtt_robust_to_one_outlier_and_reacts_within_two_samples() -> Non
 
 
 def test_unacked_send_raises_rtt_to_its_age() -> None:
-    uplink = UplinkEstimator()
+    uplink = UplinkEstimator(max_age_s=1e9)
     for i in range(3):
         _rtt_sample(uplink, i, 0.08, at=float(i))
     uplink.sent(b"lost", 300, at=100.0)
@@ -474,3 +474,17 @@ def test_decide_returns_to_the_cloud_when_the_link_recovers() -> None:
     # The first send woke the radio (no sample); the second measured 3 s.
     assert routes[2:5] == [Route.LOCAL] * 3
     assert routes[-1] in (Route.CLOUD, Route.HEDGED)
+
+
+def test_old_samples_are_forgotten_so_a_recovered_link_gets_its_chance() -> None:
+    """The router routes away from a bad link and stops learning about it: a
+    bad estimate must not outlive ``max_age_s``, nor skipped idle time."""
+    uplink = UplinkEstimator(max_age_s=20.0)
+    for i in range(3):
+        _rtt_sample(uplink, i, 3.0, at=float(i))
+    assert uplink.rtt_s(10.0) == pytest.approx(3.0)
+    assert uplink.rtt_s(30.0) == pytest.approx(0.08)  # back to the prior
+    for i in range(3, 6):
+        _rtt_sample(uplink, i, 3.0, at=100.0 + i)
+    uplink.shift(25.0)  # idle time skipped by a time-compressed benchmark
+    assert uplink.rtt_s(106.0) == pytest.approx(0.08)
