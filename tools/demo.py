@@ -181,25 +181,7 @@ async def _demo(
     device_id = PhoneIdentity(state).device_id
     gateway = CloudGateway(gateway_config)
     async with contextlib.AsyncExitStack() as stack:
-        gateway_task = asyncio.create_task(gateway.run(), name="demo gateway")
-
-        async def stop_gateway() -> None:
-            gateway.stop()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(5):
-                    await gateway_task
-
-        stack.push_async_callback(stop_gateway)
-        ready = asyncio.ensure_future(gateway.wait_ready())
-        await asyncio.wait(
-            {ready, gateway_task}, timeout=30, return_when="FIRST_COMPLETED"
-        )
-        ready.cancel()
-        if gateway_task.done():
-            gateway_task.result()  # the gateway could not start: say why
-            raise ConfigError("the demo's gateway stopped at start")
-        if not ready.done() or ready.cancelled():
-            raise ConfigError("the demo's gateway did not start within 30 s")
+        await stack.enter_async_context(gateway.serving())
         glasses_config = GlassesAppConfig(scenario="day", seed=args.seed)
         bed = await stack.enter_async_context(
             in_process(state, get_profile(args.profile), glasses_config)

@@ -302,7 +302,11 @@ def test_speedtest_loader_picks_the_radio_type(tmp_path: Path) -> None:
 
 def test_shared_rrc_probe_data_when_present() -> None:
     if not RRC_PROBE_DIR.is_dir():
-        pytest.skip("../shared/data is not on this machine (no licence to copy it)")
+        pytest.skip(
+            "the RRC-Probe data (../shared/data) is absent: it has no licence grant, "
+            "so it is never copied into the repository; the loader itself is "
+            "tested on synthetic CSVs above"
+        )
     model = default_wakeup_model()
     assert model.source.startswith("RRC-Probe")
     # PERFORMANCE.md: ≈0.8-1.6 s promotion RTT after >= 10-12 s idle.

@@ -353,17 +353,7 @@ async def run_lane(
             )
         )
         async with contextlib.AsyncExitStack() as stack:
-            gateway_task = asyncio.create_task(gateway.run(), name="bench gateway")
-
-            async def stop_gateway() -> None:
-                gateway.stop()
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(5):
-                        await gateway_task
-
-            stack.push_async_callback(stop_gateway)
-            async with asyncio.timeout(30):
-                await gateway.wait_ready()
+            await stack.enter_async_context(gateway.serving())
             proxy = await stack.enter_async_context(
                 NetemProxy(
                     "127.0.0.1",

@@ -13,7 +13,8 @@ import contextlib
 import logging
 import signal
 import time
-from typing import Final, Protocol, runtime_checkable
+from collections.abc import AsyncIterator
+from typing import Final, Protocol, Self, runtime_checkable
 
 from protocol.envelope import probe_hpke
 from relay.errors import ConfigError
@@ -145,6 +146,35 @@ class CloudGateway:
         Bound it with ``asyncio.timeout``: a broker that is down delays it.
         """
         await self._ready.wait()
+
+    @contextlib.asynccontextmanager
+    async def serving(self, *, ready_timeout_s: float = 30.0) -> AsyncIterator[Self]:
+        """Run in a task for the ``async with`` block; ready on entry, stopped on exit.
+
+        Raises:
+            ConfigError: the gateway stopped at start (its own error is raised
+                as it is), or was not ready within ``ready_timeout_s``.
+        """
+        task = asyncio.create_task(self.run(), name="gateway")
+        ready = asyncio.ensure_future(self.wait_ready())
+        await asyncio.wait(
+            {ready, task}, timeout=ready_timeout_s, return_when="FIRST_COMPLETED"
+        )
+        ready.cancel()
+        try:
+            if task.done():
+                task.result()  # the gateway could not start: say why
+                raise ConfigError("the gateway stopped at start")
+            if not ready.done() or ready.cancelled():
+                raise ConfigError(
+                    f"the gateway did not start within {ready_timeout_s:g} s"
+                )
+            yield self
+        finally:
+            self.stop()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await task
 
     async def run(self, *, handle_signals: bool = False) -> GatewayStats:
         """Serve until :meth:`stop` (or SIGTERM/SIGINT if ``handle_signals``).
