@@ -574,8 +574,10 @@ class Daemon:
             return
         started = time.monotonic()
         media = bytes(pending.media) if pending.keep_media else b""
+        # Decoding a photo is CPU work (10-60 ms): off the event loop.
+        codes = await asyncio.to_thread(self.skills.read_codes, media) if media else ()
         result = self.skills.answer(
-            request, media, datetime.datetime.now().astimezone(), started
+            request, media, datetime.datetime.now().astimezone(), started, codes=codes
         )
         if result is not None and self.config.emulate_local_cost:
             await asyncio.sleep(

@@ -562,3 +562,17 @@ def test_damaged_photos_never_raise(cut: int, flip: int) -> None:
     jpeg = bytearray(barcode_photo(CODE, 20_000, 0)[: 400 + cut])
     jpeg[flip % len(jpeg)] ^= 0x55
     assert read_product_codes(bytes(jpeg)) in ((), (CODE,))
+
+
+def test_codes_decoded_off_the_loop_are_used_as_given() -> None:
+    """The daemon decodes in a worker thread (read_codes) and passes the codes."""
+    local = LocalSkills()
+    request = _barcode_request()
+    jpeg = barcode_photo(CODE, 100_000, 2)
+    codes = local.read_codes(jpeg)
+    assert codes == (CODE,)
+    expected = LocalAnswer(DEMO_CATALOGUE[CODE], BARCODE_SKILL)
+    assert local.answer(request, jpeg, NOW, 0.0, codes=codes) == expected
+    # Given codes are not decoded again: no photo needed.
+    assert local.answer(request, b"", NOW, 0.0, codes=codes) == expected
+    assert local.answer(request, jpeg, NOW, 0.0, codes=()) is None
