@@ -70,7 +70,7 @@ from relay.capture_ring import CaptureRing, RingConfig, captures_dir
 from relay.cloudlink import CloudConfig, CloudLink
 from relay.errors import ConfigError
 from relay.identity import GatewayKey, PhoneIdentity
-from relay.local.skills import LocalSkills, PhoneState, Scope
+from relay.local.skills import LocalAnswer, LocalSkills, PhoneState, Scope
 from relay.outbox import Outbox, OutboxConfig, OutboxStats, Priority, PutOutcome
 from relay.router.decide import LocalOption, Policy, Route, RouteDecision
 from relay.router.estimators import Estimators
@@ -565,34 +565,46 @@ class Daemon:
     async def _answer_locally(self, pending: _Pending) -> None:
         """Answer on the phone once the media is in (or fall back to the cloud)."""
         pending.local_started = True
-        message, request = pending.message, pending.request
+        message = pending.message
+        result = None
         try:
             async with asyncio.timeout(_MEDIA_WAIT_S):
                 await pending.media_done.wait()
         except TimeoutError:
             _LOGGER.info("request %d: media never completed", message.request_id)
-            return
-        started = time.monotonic()
-        media = bytes(pending.media) if pending.keep_media else b""
-        # Decoding a photo is CPU work (10-60 ms): off the event loop.
-        codes = await asyncio.to_thread(self.skills.read_codes, media) if media else ()
-        result = self.skills.answer(
-            request, media, datetime.datetime.now().astimezone(), started, codes=codes
-        )
-        if result is not None and self.config.emulate_local_cost:
-            await asyncio.sleep(
-                max(0.0, started + result.skill.cost_s - time.monotonic())
-            )
+        else:
+            result = await self._local_answer(pending)
+        pending.media = bytearray()  # answered or not: the media is no longer needed
         if pending.decision.route is Route.LOCAL:
             self._ack(message)
         if result is None:
             await self._local_failed(pending)
             return
+        pending.held.clear()
         if pending.cloud_answered:
             return  # the cloud won the race: its answer is on the glasses
         pending.local_sent = True
         self._send_answer(message.request_id, result.text, "local")
         self.stats.local_answers += 1
+
+    async def _local_answer(self, pending: _Pending) -> LocalAnswer | None:
+        """The skill's answer, taking its declared cost when emulated."""
+        started = time.monotonic()
+        media = bytes(pending.media) if pending.keep_media else b""
+        # Decoding a photo is CPU work (10-60 ms): off the event loop.
+        codes = await asyncio.to_thread(self.skills.read_codes, media) if media else ()
+        result = self.skills.answer(
+            pending.request,
+            media,
+            datetime.datetime.now().astimezone(),
+            started,
+            codes=codes,
+        )
+        if result is not None and self.config.emulate_local_cost:
+            await asyncio.sleep(
+                max(0.0, started + result.skill.cost_s - time.monotonic())
+            )
+        return result
 
     async def _local_failed(self, pending: _Pending) -> None:
         """The skill could not answer after all (e.g. no barcode in the photo)."""
