@@ -327,7 +327,11 @@ async def test_text_request_over_mqtt(mosquitto: Server, state: Path) -> None:
     cfg = config(state, broker_url=mosquitto.url)
     async with running(cfg) as gateway:
         phone = Phone(state)
-        phone.register()  # after the gateway started: found on the first message
+        phone.register()  # after the gateway started: found by a re-scan
+        # Re-scans for unknown devices are rate-limited; a message that comes
+        # sooner is dropped unacknowledged (a phone resends it), so wait one
+        # window to see the first message found.
+        await asyncio.sleep(cfg.registry_rescan_s)
         async with mqtt_phone(mosquitto, phone) as send:
             ask = request("what's the weather like this afternoon", 7)
             await send(encode_batch([phone.seal(ask)]))
