@@ -61,6 +61,11 @@ class CloudConfig:
             reached: the pump waits for acknowledgements.
         batch_items: Envelopes packed into one payload (1 = no batching).
         batch_bytes: Bytes packed into one payload.
+        batches_per_send: Payloads handed to the uplink per pump round (they
+            are published concurrently; 1 = each publish awaited in turn).
+        max_pending_puts: Messages handed to the outbox and not yet committed.
+            Policy when reached: the intake waits for commits (backpressure
+            to the glasses); 1 = every message waits for its own commit.
         resend_after: Seconds before an unacknowledged envelope is resent;
             doubles with each attempt up to ``resend_cap``.
         resend_cap: Longest resend delay.
@@ -78,6 +83,8 @@ class CloudConfig:
     max_in_flight: int = 512
     batch_items: int = 64
     batch_bytes: int = 64 * 1024
+    batches_per_send: int = 4
+    max_pending_puts: int = 64
     resend_after: float = 3.0
     resend_cap: float = 60.0
     key_poll: float = 0.5
@@ -155,6 +162,8 @@ class CloudLink:
         self.observer = observer
         self._in_flight: dict[bytes, float] = {}
         self._wake = asyncio.Event()
+        self._pending_puts = 0
+        self._put_room = asyncio.Event()
         self._rng = random.Random()
         self.gateway = identity.gateway_key(gateway_key_file)
 
@@ -204,6 +213,52 @@ class CloudLink:
             The outcome: STORED or DUPLICATE mean durable (acknowledge it);
             REFUSED_FULL means not stored (do not acknowledge: backpressure).
         """
+        future = await self.submit(
+            message, priority, realtime=realtime, expires_at=expires_at
+        )
+        return await future
+
+    async def submit(
+        self,
+        message: Message,
+        priority: int,
+        *,
+        realtime: bool = False,
+        expires_at: float | None = None,
+    ) -> asyncio.Future[PutOutcome]:
+        """Seal ``message`` and queue it for the outbox, without waiting for the commit.
+
+        Waits only while ``max_pending_puts`` messages are uncommitted. The
+        future gives the outcome as :meth:`put` does, once committed (act on
+        it then: acknowledge STORED and DUPLICATE), or the storage error.
+        Messages submitted back to back share one transaction.
+        """
+        while self._pending_puts >= self.config.max_pending_puts:
+            self._put_room.clear()
+            await self._put_room.wait()
+        item = self._item(message, priority, realtime, expires_at)
+        future = self.outbox.put_soon(item)
+        self._pending_puts += 1
+        future.add_done_callback(self._put_done)
+        return future
+
+    def _put_done(self, future: asyncio.Future[PutOutcome]) -> None:
+        self._pending_puts -= 1
+        self._put_room.set()
+        if (
+            not future.cancelled()
+            and future.exception() is None
+            and future.result() is PutOutcome.STORED
+        ):
+            self._wake.set()
+
+    def _item(
+        self,
+        message: Message,
+        priority: int,
+        realtime: bool,
+        expires_at: float | None,
+    ) -> OutboxItem:
         encoded = message.encode()
         if self.gateway is None:
             item = OutboxItem(
@@ -220,10 +275,7 @@ class CloudLink:
                 realtime,
                 expires_at,
             )
-        (outcome,) = await self.outbox.put_many([item])
-        if outcome is PutOutcome.STORED:
-            self._wake.set()
-        return outcome
+        return item
 
     def seal_presence(self, message: Message) -> bytes:
         """A PRESENCE message sealed for the presence channel (the MQTT will).
@@ -324,8 +376,8 @@ class CloudLink:
             rows = []
             if room > 0:
                 rows = await self.outbox.next_batch(
-                    min(room, config.batch_items * 4),
-                    config.batch_bytes * 4,
+                    min(room, config.batch_items * config.batches_per_send),
+                    config.batch_bytes * config.batches_per_send,
                     exclude=frozenset(self._in_flight),
                 )
             rows = [r for r in rows if r.topic != UNSEALED]
@@ -368,7 +420,11 @@ class CloudLink:
                 for row in rows:
                     self._in_flight.pop(row.msg_id, None)
                 continue
-            await self.outbox.mark_attempt([r.msg_id for r in rows])
+            # Not awaited: requests are served in order, and the mark shares
+            # a transaction with the next puts or acks.
+            self.outbox.mark_attempt_soon([r.msg_id for r in rows]).add_done_callback(
+                _log_failure
+            )
 
     async def _announce_online(self) -> None:
         """Tell the gateway we are back (it resends unacknowledged answers)."""
@@ -454,10 +510,18 @@ class CloudLink:
                         self.observer.uplink_acked(mid, acked_at)
                 for mid in acked:
                     self._in_flight.pop(mid, None)
-                self.stats.acked += await self.outbox.ack(acked)
+                # Not awaited: a next_batch queued after it never sees these
+                # rows, and the delete shares a transaction with other writes.
+                self.outbox.ack_soon(acked).add_done_callback(self._acked_rows)
                 self._wake.set()
                 if self._on_acked is not None:
                     self._on_acked(acked)
+
+    def _acked_rows(self, future: asyncio.Future[int]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.stats.acked += future.result()
+        else:
+            _log_failure(future)
 
     def _bad(self, reason: str) -> None:
         count = self.stats.bad_downlink.get(reason, 0) + 1
@@ -470,3 +534,16 @@ class CloudLink:
         if self.uplink is not None:
             with contextlib.suppress(UplinkError):
                 await self.uplink.aclose()
+
+
+def _log_failure(future: asyncio.Future[int]) -> None:
+    """Retrieve and log the error of an outbox write nobody awaits.
+
+    The row stays as it was: an unmarked attempt only shortens a resend
+    delay; an undeleted acked row is sent again and de-duplicated.
+    """
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None:
+        _LOGGER.warning("outbox write failed: %s", exc)

@@ -39,6 +39,9 @@ class FragmentLink(Protocol):
     async def recv(self) -> bytes:
         """Next GATT value from the peer; raises LinkError when lost."""
 
+    def recv_nowait(self) -> bytes | None:
+        """A GATT value already buffered, or None (never waits)."""
+
     async def write(self, fragment: bytes) -> None:
         """Send one GATT value (paced: may wait); raises LinkError when lost."""
 
@@ -147,9 +150,14 @@ class SessionDriver:
         link = self._link
         session = self.session
         while True:
-            data = await link.recv()
+            data: bytes | None = await link.recv()
+            # Take the whole burst that is already buffered, then hand out its
+            # events and re-arm the timer once: one wake-up per burst.
+            now = self.now()
             try:
-                session.receive_fragment(data, self.now())
+                while data is not None:
+                    session.receive_fragment(data, now)
+                    data = link.recv_nowait()
             except RemoteProtocolError as exc:
                 self._fail(exc)
                 return

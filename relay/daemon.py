@@ -260,6 +260,7 @@ class Daemon:
         self.started = time.monotonic()
         self.outbox = outbox
         self._events: asyncio.Queue[SessionEvent] = asyncio.Queue(config.intake_queue)
+        self._put_error: BaseException | None = None
         self.capture: CaptureRing | None = None
         if config.capture.enabled:
             self.capture = CaptureRing(config.capture, captures_dir(config.state_dir))
@@ -340,6 +341,12 @@ class Daemon:
 
     async def _intake(self) -> None:
         while True:
+            error, self._put_error = self._put_error, None
+            if error is not None:
+                # An earlier message's commit failed (it was not acknowledged):
+                # stop so the supervisor restarts the intake, as if the put had
+                # failed in line.
+                raise error
             event = await self._events.get()
             if isinstance(event, MessageReceived):
                 await self._handle(event.message)
@@ -354,29 +361,55 @@ class Daemon:
         self.stats.acked_to_glasses += 1
 
     async def _to_cloud(self, message: Message) -> None:
+        """Seal and queue ``message`` for the outbox; act on the outcome once committed.
+
+        Waits only while ``cloud.max_pending_puts`` messages are uncommitted,
+        so the intake goes on with the next message while this one's
+        transaction forms (group commit); the glasses get the ACK only once it
+        is durable.
+        """
         priority = _PRIORITY.get(message.kind, Priority.NORMAL)
-        if message.flags & MessageFlags.REALTIME:
-            # Live streams may go stale: stored with an expiry, dropped and
-            # counted when old or when the outbox is full, never acknowledged
-            # to the glasses as durable.
-            outcome = await self.cloud.put(
-                message,
-                priority,
-                realtime=True,
-                expires_at=time.time() + self.config.realtime_ttl,
-            )
+        realtime = bool(message.flags & MessageFlags.REALTIME)
+        # Live streams may go stale: stored with an expiry, dropped and
+        # counted when old or when the outbox is full, never acknowledged to
+        # the glasses as durable.
+        future = await self.cloud.submit(
+            message,
+            priority,
+            realtime=realtime,
+            expires_at=time.time() + self.config.realtime_ttl if realtime else None,
+        )
+        future.add_done_callback(functools.partial(self._stored, message, realtime))
+
+    def _stored(
+        self, message: Message, realtime: bool, future: asyncio.Future[PutOutcome]
+    ) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            # Not durable: the glasses keep it and resend; the intake stops
+            # and its supervisor restarts it.
+            self._not_durable(message)
+            if self._put_error is None:
+                self._put_error = exc
+            return
+        outcome = future.result()
+        if realtime:
             if outcome is PutOutcome.DROPPED_REALTIME:
                 self.stats.realtime_dropped += 1
             return
-        outcome = await self.cloud.put(message, priority)
         if outcome in (PutOutcome.STORED, PutOutcome.DUPLICATE):
             self._ack(message)
         else:
             # Not durable: do not acknowledge. The glasses keep it and resend.
             self.stats.refused_full += 1
-            session = self._source(message).session
-            if session is not None:
-                session.abandon(message.message_id)
+            self._not_durable(message)
+
+    def _not_durable(self, message: Message) -> None:
+        session = self._source(message).session
+        if session is not None:
+            session.abandon(message.message_id)
 
     async def _handle(self, message: Message) -> None:
         self.stats.messages_in += 1

@@ -71,7 +71,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 __all__ = [
     "MSG_ID_SIZE",
@@ -104,6 +104,7 @@ _FILE_MODE: Final = 0o600
 _BUSY_TIMEOUT_S: Final = 5.0
 _WAL_SIZE_LIMIT: Final = 8 * 1024 * 1024
 _SQL_CHUNK: Final = 500  # ids per IN (...) clause; far below SQLite's variable limit
+_MAX_WRITES: Final = 256  # queued write requests folded into one transaction
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -522,12 +523,25 @@ class _Store:
         with self._transaction() as conn:
             return self._expire_in(conn, now)
 
-    def put_batch(self, batch: Sequence[_PutRequest]) -> list[list[PutOutcome]]:
-        results: list[list[PutOutcome]] = []
+    def write_batch(self, batch: Sequence[_WriteRequest]) -> list[object]:
+        """Apply queued puts, acks and attempt marks in one transaction, in order.
+
+        Returns one result per request: a list of outcomes for a put, the
+        number of rows deleted or updated for an ack or a mark.
+        """
+        results: list[object] = []
+        puts = False
         with self._transaction() as conn:
             st = self.state
             expired_at: float | None = None
             for request in batch:
+                if isinstance(request, _IdsRequest):
+                    if request.op is _IdsOp.ACK:
+                        results.append(self._ack_in(conn, request.ids))
+                    else:
+                        results.append(self._mark_in(conn, request.ids))
+                    continue
+                puts = True
                 outcomes: list[PutOutcome] = []
                 for item in request.items:
                     size = len(item.envelope)
@@ -566,7 +580,8 @@ class _Store:
                         st.duplicates += 1
                         outcomes.append(PutOutcome.DUPLICATE)
                 results.append(outcomes)
-        self.state.put_transactions += 1
+        if puts:
+            self.state.put_transactions += 1
         if self._refusing and self._fits(0):
             self._refusing = False
             logger.info("outbox accepting puts again (%d rows)", self.state.rows)
@@ -627,20 +642,17 @@ class _Store:
             cursor.close()
         return rows
 
-    def ack(self, ids: Sequence[bytes]) -> int:
+    def _ack_in(self, conn: sqlite3.Connection, ids: Sequence[bytes]) -> int:
         deleted = 0
-        with self._transaction() as conn:
-            for chunk in _chunks(ids):
-                deleted += self._delete(
-                    conn,
-                    _with_ids(
-                        "DELETE FROM outbox WHERE msg_id IN",
-                        len(chunk),
-                        " RETURNING size",
-                    ),
-                    chunk,
-                )
-            self.state.acked += deleted
+        for chunk in _chunks(ids):
+            deleted += self._delete(
+                conn,
+                _with_ids(
+                    "DELETE FROM outbox WHERE msg_id IN", len(chunk), " RETURNING size"
+                ),
+                chunk,
+            )
+        self.state.acked += deleted
         return deleted
 
     def rows_with_topic(self, topic: str, limit: int) -> list[tuple[bytes, bytes]]:
@@ -681,17 +693,16 @@ class _Store:
         self.state.total_bytes = 0
         return int(deleted)
 
-    def mark_attempt(self, ids: Sequence[bytes]) -> int:
+    def _mark_in(self, conn: sqlite3.Connection, ids: Sequence[bytes]) -> int:
         updated = 0
-        with self._transaction() as conn:
-            for chunk in _chunks(ids):
-                updated += conn.execute(
-                    _with_ids(
-                        "UPDATE outbox SET attempts = attempts + 1 WHERE msg_id IN",
-                        len(chunk),
-                    ),
-                    chunk,
-                ).rowcount
+        for chunk in _chunks(ids):
+            updated += conn.execute(
+                _with_ids(
+                    "UPDATE outbox SET attempts = attempts + 1 WHERE msg_id IN",
+                    len(chunk),
+                ),
+                chunk,
+            ).rowcount
         return updated
 
     def stats(self, now: float) -> OutboxStats:
@@ -720,6 +731,23 @@ class _PutRequest:
     future: asyncio.Future[list[PutOutcome]]
 
 
+class _IdsOp(enum.Enum):
+    ACK = "ack"
+    MARK = "mark"
+
+
+@dataclass(slots=True)
+class _IdsRequest:
+    """Delete acknowledged rows, or count a send attempt, by id."""
+
+    op: _IdsOp
+    ids: Sequence[bytes]
+    future: asyncio.Future[int]
+
+
+_WriteRequest = _PutRequest | _IdsRequest
+
+
 @dataclass(slots=True)
 class _Job:
     run: Callable[[_Store], None]
@@ -730,7 +758,7 @@ class _Stop:
     future: asyncio.Future[None]
 
 
-_Request = _PutRequest | _Job | _Stop
+_Request = _PutRequest | _IdsRequest | _Job | _Stop
 
 
 def _storage_error(exc: sqlite3.Error | OSError) -> OutboxStorageError:
@@ -890,6 +918,33 @@ class Outbox:
         """
         return await self._submit_puts(tuple(items))
 
+    def put_soon(self, item: OutboxItem) -> asyncio.Future[PutOutcome]:
+        """Queue one item as :meth:`put_many` does, without waiting for the commit.
+
+        The returned future gives the item's :class:`PutOutcome` once its
+        transaction has committed (acknowledge it only then), or the storage
+        error. Items queued back to back share a transaction (group commit).
+
+        Raises:
+            EnvelopeTooLargeError: The envelope exceeds ``max_bytes``.
+            OutboxClosedError: The outbox is closed.
+        """
+        (future,) = self._queue_puts((item,))
+        single: asyncio.Future[PutOutcome] = self._loop.create_future()
+
+        def done(f: asyncio.Future[list[PutOutcome]]) -> None:
+            if single.done():
+                return
+            if f.cancelled():
+                single.cancel()
+            elif (exc := f.exception()) is not None:
+                single.set_exception(exc)
+            else:
+                single.set_result(f.result()[0])
+
+        future.add_done_callback(done)
+        return single
+
     async def next_batch(
         self,
         max_items: int,
@@ -940,10 +995,29 @@ class Outbox:
             OutboxClosedError: The outbox is closed.
             OutboxStorageError: SQLite failed; nothing was deleted.
         """
+        return await self.ack_soon(ids)
+
+    def ack_soon(self, ids: Iterable[bytes]) -> asyncio.Future[int]:
+        """Queue the deletion of acknowledged rows; the future gives the count.
+
+        Like :meth:`ack`, without waiting: requests are served in order, so a
+        :meth:`next_batch` called after this never returns these rows. Queued
+        writes share one transaction.
+
+        Raises:
+            OutboxClosedError: The outbox is closed.
+        """
+        return self._submit_ids(_IdsOp.ACK, ids)
+
+    def _submit_ids(self, op: _IdsOp, ids: Iterable[bytes]) -> asyncio.Future[int]:
+        self._check_open()
+        future: asyncio.Future[int] = self._loop.create_future()
         unique = tuple(dict.fromkeys(ids))
         if not unique:
-            return 0
-        return await self._call(lambda store: store.ack(unique))
+            future.set_result(0)
+        else:
+            self._requests.put(_IdsRequest(op, unique, future))
+        return future
 
     async def rows_with_topic(
         self, topic: str, limit: int = 500
@@ -995,10 +1069,15 @@ class Outbox:
             OutboxClosedError: The outbox is closed.
             OutboxStorageError: SQLite failed.
         """
-        unique = tuple(dict.fromkeys(ids))
-        if not unique:
-            return 0
-        return await self._call(lambda store: store.mark_attempt(unique))
+        return await self.mark_attempt_soon(ids)
+
+    def mark_attempt_soon(self, ids: Iterable[bytes]) -> asyncio.Future[int]:
+        """Queue :meth:`mark_attempt` without waiting; the future gives the count.
+
+        Raises:
+            OutboxClosedError: The outbox is closed.
+        """
+        return self._submit_ids(_IdsOp.MARK, ids)
 
     async def expire(self, now: float | None = None) -> ExpireResult:
         """Apply the expiry policy: drop expired real-time rows and over-age rows.
@@ -1104,7 +1183,9 @@ class Outbox:
             event, self._stored_event = self._stored_event, asyncio.Event()
             event.set()
 
-    async def _submit_puts(self, items: Sequence[OutboxItem]) -> list[PutOutcome]:
+    def _queue_puts(
+        self, items: Sequence[OutboxItem]
+    ) -> list[asyncio.Future[list[PutOutcome]]]:
         self._check_open()
         for item in items:
             if len(item.envelope) > self._config.max_bytes:
@@ -1116,6 +1197,10 @@ class Outbox:
             future: asyncio.Future[list[PutOutcome]] = self._loop.create_future()
             self._requests.put(_PutRequest(items[start : start + step], now, future))
             futures.append(future)
+        return futures
+
+    async def _submit_puts(self, items: Sequence[OutboxItem]) -> list[PutOutcome]:
+        futures = self._queue_puts(items)
         outcomes: list[PutOutcome] = []
         for future in futures:
             outcomes.extend(await future)
@@ -1143,16 +1228,17 @@ class Outbox:
         self._observe(rows, 0)
         _set_result(future, result)
 
-    def _complete_puts(
+    def _complete_writes(
         self,
-        batch: Sequence[_PutRequest],
-        results: Sequence[list[PutOutcome]],
+        batch: Sequence[_WriteRequest],
+        results: Sequence[object],
         rows: int,
         stored: int,
     ) -> None:
         self._observe(rows, stored)
-        for request, outcomes in zip(batch, results, strict=True):
-            _set_result(request.future, outcomes)
+        for request, result in zip(batch, results, strict=True):
+            future: asyncio.Future[Any] = request.future
+            _set_result(future, result)
 
     # -- worker thread -------------------------------------------------------------
 
@@ -1172,8 +1258,8 @@ class Outbox:
         while True:
             request = carried if carried is not None else self._requests.get()
             carried = None
-            if isinstance(request, _PutRequest):
-                carried = self._serve_puts(store, request)
+            if isinstance(request, _PutRequest | _IdsRequest):
+                carried = self._serve_writes(store, request)
             elif isinstance(request, _Job):
                 request.run(store)
             else:
@@ -1185,15 +1271,20 @@ class Outbox:
                     self._post(_set_result, request.future, None)
                 return
 
-    def _serve_puts(self, store: _Store, first: _PutRequest) -> _Request | None:
-        """Gather puts into one transaction; return a non-put request met meanwhile."""
+    def _serve_writes(self, store: _Store, first: _WriteRequest) -> _Request | None:
+        """Gather queued writes into one transaction; return a read met meanwhile.
+
+        Puts wait up to ``commit_interval`` for more puts (group commit); acks
+        and attempt marks only take what is already queued.
+        """
         config = self._config
-        batch = [first]
-        count = len(first.items)
+        batch: list[_WriteRequest] = [first]
+        count = len(first.items) if isinstance(first, _PutRequest) else 0
+        waits = isinstance(first, _PutRequest)
         carried: _Request | None = None
         deadline = time.monotonic() + config.commit_interval
-        while count < config.commit_max_batch:
-            timeout = deadline - time.monotonic()
+        while count < config.commit_max_batch and len(batch) < _MAX_WRITES:
+            timeout = deadline - time.monotonic() if waits else 0.0
             try:
                 if timeout > 0:
                     request = self._requests.get(timeout=timeout)
@@ -1201,15 +1292,17 @@ class Outbox:
                     request = self._requests.get_nowait()
             except queue.Empty:
                 break
-            if not isinstance(request, _PutRequest):
+            if isinstance(request, _PutRequest):
+                count += len(request.items)
+                waits = True
+            elif not isinstance(request, _IdsRequest):
                 carried = request
                 break
             batch.append(request)
-            count += len(request.items)
         started = time.perf_counter()
         try:
             try:
-                results = store.put_batch(batch)
+                results = store.write_batch(batch)
             except (sqlite3.Error, OSError) as exc:
                 raise _storage_error(exc) from exc
         except Exception as exc:  # handed to the awaiting callers
@@ -1219,11 +1312,16 @@ class Outbox:
             return carried
         if self._debug:
             logger.debug(
-                "committed %d rows from %d puts in %.2f ms",
+                "committed %d new rows from %d writes in %.2f ms",
                 count,
                 len(batch),
                 (time.perf_counter() - started) * 1e3,
             )
-        stored = sum(o is PutOutcome.STORED for outcomes in results for o in outcomes)
-        self._post(self._complete_puts, batch, results, store.state.rows, stored)
+        stored = sum(
+            o is PutOutcome.STORED
+            for outcomes in results
+            if isinstance(outcomes, list)
+            for o in outcomes
+        )
+        self._post(self._complete_writes, batch, results, store.state.rows, stored)
         return carried

@@ -574,6 +574,9 @@ class _CountingLink:
     async def recv(self) -> bytes:
         return await self._link.recv()
 
+    def recv_nowait(self) -> bytes | None:
+        return self._link.recv_nowait()
+
     async def write(self, fragment: bytes) -> None:
         await self._link.write(fragment)
         self._wrote.set()

@@ -22,6 +22,7 @@ with a real radio, or :mod:`relay.sim`'s bumble backend for emulated glasses.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
@@ -212,7 +213,11 @@ class BleLink:
         self._config = config
         self.name = name
         self._tap = tap
-        self._inbox: asyncio.Queue[bytes] = asyncio.Queue(config.notify_queue)
+        # A deque and one waiter future rather than an asyncio.Queue: the
+        # reader wakes once per burst of notifications and drains them all.
+        self._inbox: collections.deque[bytes] = collections.deque()
+        self._inbox_max = config.notify_queue
+        self._waiter: asyncio.Future[None] | None = None
         self._outbox: asyncio.Queue[bytes] = asyncio.Queue(config.write_window)
         self._lost = asyncio.Event()
         self._rx: BleakGATTCharacteristic | None = None
@@ -246,7 +251,7 @@ class BleLink:
 
         def _on_disconnect(_client: BleakClient) -> None:
             if holder:
-                holder[0]._lost.set()
+                holder[0]._set_lost()
             if on_lost is not None:
                 on_lost()
 
@@ -302,10 +307,21 @@ class BleLink:
         # Synchronous on purpose: an async callback lets bleak reorder notifications.
         if self._tap is not None:
             self._tap.value_received(self, bytes(data))
-        try:
-            self._inbox.put_nowait(bytes(data))
-        except asyncio.QueueFull:
+        if len(self._inbox) >= self._inbox_max:
             self._overflow += 1
+            return
+        self._inbox.append(bytes(data))
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _set_lost(self) -> None:
+        self._lost.set()
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     @property
     def max_fragment_size(self) -> int:
@@ -338,34 +354,26 @@ class BleLink:
             LinkError: the link was lost and nothing more is buffered.
         """
         inbox = self._inbox
-        if inbox.empty():
+        while not inbox:
             if self._lost.is_set():
                 raise LinkError(f"{self.name}: link lost")
-            get = asyncio.ensure_future(inbox.get())
-            lost = asyncio.ensure_future(self._lost.wait())
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
             try:
-                await asyncio.wait({get, lost}, return_when=asyncio.FIRST_COMPLETED)
+                await waiter
             finally:
-                lost.cancel()
-                if not get.done():
-                    get.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await get
-            if not get.done() or get.cancelled():
-                raise LinkError(f"{self.name}: link lost")
-            data = get.result()
-        else:
-            data = inbox.get_nowait()  # the common case under load: no waiting
+                if self._waiter is waiter:
+                    self._waiter = None
+        data = inbox.popleft()
         self._fragments_in += 1
         self._bytes_in += len(data)
         return data
 
     def recv_nowait(self) -> bytes | None:
         """Return a buffered notification, or ``None`` if none is waiting."""
-        try:
-            data = self._inbox.get_nowait()
-        except asyncio.QueueEmpty:
+        if not self._inbox:
             return None
+        data = self._inbox.popleft()
         self._fragments_in += 1
         self._bytes_in += len(data)
         return data
@@ -405,7 +413,7 @@ class BleLink:
                 self._bytes_out += len(fragment)
         except BleakError as exc:
             self._write_error = exc
-            self._lost.set()
+            self._set_lost()
             _LOGGER.warning("%s: write failed: %s", self.name, exc)
         finally:
             # Free anyone waiting in drain() or write().
@@ -419,7 +427,7 @@ class BleLink:
 
     async def aclose(self) -> None:
         """Stop writing and disconnect; safe to call twice."""
-        self._lost.set()
+        self._set_lost()
         tap, self._tap = self._tap, None
         if tap is not None:
             tap.link_down(self)

@@ -45,6 +45,13 @@ class LoopbackLink:
             raise LinkError(f"{self.name}: link lost")
         return get.result()
 
+    def recv_nowait(self) -> bytes | None:
+        """A value already queued by the peer, or None."""
+        try:
+            return self.inbox.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
     async def write(self, fragment: bytes) -> None:
         """Deliver one value to the peer; waits while its queue is full."""
         if self._lost.is_set() or self.peer is None:

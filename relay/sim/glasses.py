@@ -208,6 +208,10 @@ class PeripheralLink:
             await asyncio.sleep(self._slow)
         return get.result()
 
+    def recv_nowait(self) -> bytes | None:
+        """Always None: each RX write is taken through :meth:`recv` (faults apply)."""
+        return None
+
     async def write(self, fragment: bytes) -> None:
         """Notify one fragment (waits for credits, and while stalled)."""
         await self.stalled.wait()

@@ -1238,30 +1238,23 @@ async def _cloud(spec: BenchSpec, state: Path, workdir: Path) -> AsyncIterator[_
 # -- relay settings --------------------------------------------------------------
 
 
-def _has_pump_knob() -> bool:
-    """Whether CloudConfig can send one payload per pump round (see naive)."""
-    from relay.cloudlink import CloudConfig
-
-    return "batches_per_send" in {f.name for f in dataclasses.fields(CloudConfig)}
-
-
 def relay_settings(relay: str) -> dict[str, object]:
     """Configuration keys of a relay: none for ``batched`` (as shipped).
 
     ``naive``: one envelope per payload (``cloud.batch_items = 1``), one
-    outbox transaction per message (``outbox.commit_max_batch = 1``), and,
-    where the daemon has the knob, one payload per pump round
-    (``cloud.batches_per_send = 1``: each QoS 1 publish awaited in order).
+    payload per pump round (``cloud.batches_per_send = 1``: each QoS 1
+    publish awaited in order), and one outbox transaction per message, each
+    awaited before the next message is taken (``outbox.commit_max_batch =
+    1``, ``cloud.max_pending_puts = 1``).
     """
     if relay == "batched":
         return {}
-    settings: dict[str, object] = {
+    return {
         "cloud.batch_items": 1,
+        "cloud.batches_per_send": 1,
+        "cloud.max_pending_puts": 1,
         "outbox.commit_max_batch": 1,
     }
-    if _has_pump_knob():
-        settings["cloud.batches_per_send"] = 1
-    return settings
 
 
 def _effective(relay: str) -> dict[str, object]:
@@ -1274,7 +1267,8 @@ def _effective(relay: str) -> dict[str, object]:
         "cloud.batch_items": cloud.batch_items,
         "cloud.batch_bytes": cloud.batch_bytes,
         "cloud.max_in_flight": cloud.max_in_flight,
-        "cloud.batches_per_send": getattr(cloud, "batches_per_send", 4),
+        "cloud.batches_per_send": cloud.batches_per_send,
+        "cloud.max_pending_puts": cloud.max_pending_puts,
         "outbox.commit_interval": outbox.commit_interval,
         "outbox.commit_max_batch": outbox.commit_max_batch,
         "outbox.synchronous": str(outbox.synchronous),
@@ -1305,16 +1299,6 @@ def _configs(relay: str) -> tuple[Any, Any]:
         section, key = dotted.split(".", 1)
         (cloud if section == "cloud" else outbox)[key] = value
     return CloudConfig(**cloud), OutboxConfig(**outbox)
-
-
-def _pump_note(relay: str) -> list[str]:
-    if relay == "naive" and not _has_pump_knob():
-        return [
-            "CloudConfig has no batches_per_send knob: the naive pump still takes "
-            "up to 4 rows per round and publishes them concurrently (each its own "
-            "QoS 1 publish); the naive figures are therefore flattering"
-        ]
-    return []
 
 
 async def _until(check: Callable[[], bool], seconds: float, what: str) -> None:
@@ -1549,7 +1533,7 @@ def _e2e_figures(
     tally = _Tally.count(sent, ledger.lines, window, queued)
     sampler = probe.get("sampler", {})
     marks = probe.get("marks", {})
-    notes = _pump_note(relay)
+    notes: list[str] = []
     cpu_s = measured.cpu_s - float(sampler.get("sampler_cpu_s", 0.0))
     bt_cpu: float | None = None
     if "start" in marks and "end" in marks and sampler.get("split"):
@@ -2209,7 +2193,7 @@ async def _pipeline_relay(
     }
     tally = _Tally.count(sent_map, ledger.lines, window, queued)
     cpu_s = cpu_end - cpu_start - harness - sampler.cpu_s
-    notes = _pump_note(relay)
+    notes: list[str] = []
     if ran_out:
         notes.append("the prepared input ran out before the window ended")
     split = sampler.split()
