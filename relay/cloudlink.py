@@ -161,6 +161,7 @@ class CloudLink:
         self.suite = suite
         self.observer = observer
         self._in_flight: dict[bytes, float] = {}
+        self._attempts: dict[bytes, int] = {}  # sends so far, by message id
         self._wake = asyncio.Event()
         self._pending_puts = 0
         self._put_room = asyncio.Event()
@@ -407,10 +408,18 @@ class CloudLink:
                 sent_at = time.monotonic()
                 for key, payload in zip(keys, payloads, strict=True):
                     self.observer.uplink_sent(key, len(payload), sent_at)
+            attempts = self._attempts
+            if len(attempts) > 8 * config.max_in_flight:
+                # Rows that left without an ack (expired, purged): forget them.
+                self._attempts = attempts = {
+                    k: v for k, v in attempts.items() if k in self._in_flight
+                }
             for row in rows:
-                if row.attempts:
+                tries = max(row.attempts, attempts.get(row.msg_id, 0))
+                if tries:
                     self.stats.resent += 1
-                self._in_flight[row.msg_id] = now + self._resend_delay(row.attempts + 1)
+                attempts[row.msg_id] = tries + 1
+                self._in_flight[row.msg_id] = now + self._resend_delay(tries + 1)
             self.stats.payloads += len(batches)
             self.stats.envelopes_sent += len(rows)
             if config.forget_on_puback:
@@ -420,11 +429,11 @@ class CloudLink:
                 for row in rows:
                     self._in_flight.pop(row.msg_id, None)
                 continue
-            # Not awaited: requests are served in order, and the mark shares
-            # a transaction with the next puts or acks.
-            self.outbox.mark_attempt_soon([r.msg_id for r in rows]).add_done_callback(
-                _log_failure
-            )
+            # Not awaited, and lazy: it shares a transaction with the next puts
+            # or acks. The counts that matter now are kept here.
+            self.outbox.mark_attempt_soon(
+                [r.msg_id for r in rows], lazy=True
+            ).add_done_callback(_log_failure)
 
     async def _announce_online(self) -> None:
         """Tell the gateway we are back (it resends unacknowledged answers)."""
@@ -510,6 +519,7 @@ class CloudLink:
                         self.observer.uplink_acked(mid, acked_at)
                 for mid in acked:
                     self._in_flight.pop(mid, None)
+                    self._attempts.pop(mid, None)
                 # Not awaited: a next_batch queued after it never sees these
                 # rows, and the delete shares a transaction with other writes.
                 self.outbox.ack_soon(acked).add_done_callback(self._acked_rows)

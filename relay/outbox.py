@@ -743,6 +743,7 @@ class _IdsRequest:
     op: _IdsOp
     ids: Sequence[bytes]
     future: asyncio.Future[int]
+    lazy: bool = False  # may wait for the next write transaction
 
 
 _WriteRequest = _PutRequest | _IdsRequest
@@ -799,6 +800,7 @@ class Outbox:
         self._loop = loop
         self._store = _Store(path, config)
         self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._held: list[_WriteRequest] = []  # lazy marks (worker thread only)
         self._opened: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(
             target=self._serve, args=(clock(),), name=f"outbox:{path.name}", daemon=True
@@ -1009,14 +1011,16 @@ class Outbox:
         """
         return self._submit_ids(_IdsOp.ACK, ids)
 
-    def _submit_ids(self, op: _IdsOp, ids: Iterable[bytes]) -> asyncio.Future[int]:
+    def _submit_ids(
+        self, op: _IdsOp, ids: Iterable[bytes], *, lazy: bool = False
+    ) -> asyncio.Future[int]:
         self._check_open()
         future: asyncio.Future[int] = self._loop.create_future()
         unique = tuple(dict.fromkeys(ids))
         if not unique:
             future.set_result(0)
         else:
-            self._requests.put(_IdsRequest(op, unique, future))
+            self._requests.put(_IdsRequest(op, unique, future, lazy))
         return future
 
     async def rows_with_topic(
@@ -1071,13 +1075,19 @@ class Outbox:
         """
         return await self.mark_attempt_soon(ids)
 
-    def mark_attempt_soon(self, ids: Iterable[bytes]) -> asyncio.Future[int]:
+    def mark_attempt_soon(
+        self, ids: Iterable[bytes], *, lazy: bool = False
+    ) -> asyncio.Future[int]:
         """Queue :meth:`mark_attempt` without waiting; the future gives the count.
+
+        With ``lazy`` the mark opens no transaction of its own: it is written
+        with the next put or ack (or at close), so until then
+        :meth:`next_batch` may return the old count, and a crash may lose it.
 
         Raises:
             OutboxClosedError: The outbox is closed.
         """
-        return self._submit_ids(_IdsOp.MARK, ids)
+        return self._submit_ids(_IdsOp.MARK, ids, lazy=lazy)
 
     async def expire(self, now: float | None = None) -> ExpireResult:
         """Apply the expiry policy: drop expired real-time rows and over-age rows.
@@ -1263,6 +1273,8 @@ class Outbox:
             elif isinstance(request, _Job):
                 request.run(store)
             else:
+                if self._held:
+                    self._write(store, [], 0)  # lazy marks still held
                 try:
                     store.close()
                 except sqlite3.Error as exc:
@@ -1299,6 +1311,17 @@ class Outbox:
                 carried = request
                 break
             batch.append(request)
+        if all(isinstance(r, _IdsRequest) and r.lazy for r in batch):
+            self._held.extend(batch)  # written with the next transaction
+            return carried
+        self._write(store, batch, count)
+        return carried
+
+    def _write(self, store: _Store, batch: list[_WriteRequest], count: int) -> None:
+        """Commit ``batch`` after any held lazy marks, in one transaction."""
+        if self._held:
+            batch = [*self._held, *batch]
+            self._held.clear()
         started = time.perf_counter()
         try:
             try:
@@ -1309,7 +1332,7 @@ class Outbox:
             logger.exception("outbox group commit of %d rows failed", count)
             for request in batch:
                 self._post(_set_exception, request.future, exc)
-            return carried
+            return
         if self._debug:
             logger.debug(
                 "committed %d new rows from %d writes in %.2f ms",
@@ -1324,4 +1347,3 @@ class Outbox:
             for o in outcomes
         )
         self._post(self._complete_writes, batch, results, store.state.rows, stored)
-        return carried

@@ -147,6 +147,44 @@ async def test_mark_attempt(outbox: Outbox) -> None:
     assert rows == {mid(1): 2, mid(2): 1}
 
 
+async def test_queued_puts_acks_and_marks_share_one_transaction(
+    db: Path, clock: FakeClock
+) -> None:
+    config = OutboxConfig(commit_interval=0.05)
+    async with await Outbox.open(db, config, clock=clock) as ob:
+        await ob.put_many([item(1), item(2)])
+        before = (await ob.stats()).transactions
+        # Queued back to back, none awaited before the next: one commit.
+        put = ob.put_soon(item(3))
+        ack = ob.ack_soon([mid(1)])
+        mark = ob.mark_attempt_soon([mid(2)])
+        assert await put is PutOutcome.STORED
+        assert await ack == 1
+        assert await mark == 1
+        assert (await ob.stats()).transactions == before + 1
+        rows = {r.msg_id: r.attempts for r in await ob.next_batch(10, 10**6)}
+        assert rows == {mid(2): 1, mid(3): 0}
+
+
+async def test_lazy_marks_wait_for_the_next_write_or_close(db: Path) -> None:
+    config = OutboxConfig(commit_interval=0)
+    async with await Outbox.open(db, config) as ob:
+        await ob.put_many([item(1), item(2)])
+        before = (await ob.stats()).transactions
+        lazy = ob.mark_attempt_soon([mid(1)], lazy=True)
+        await ob.next_batch(10, 10**6)  # served after the mark: it stays held
+        assert not lazy.done()
+        assert (await ob.stats()).transactions == before
+        assert await ob.ack([mid(2)]) == 1  # the next write carries it
+        assert await lazy == 1
+        assert (await ob.stats()).transactions == before + 1
+        held = ob.mark_attempt_soon([mid(1)], lazy=True)
+    assert await held == 1  # written at close
+    async with await Outbox.open(db, config) as ob:
+        (row,) = await ob.next_batch(10, 10**6)
+        assert row.attempts == 2
+
+
 async def test_duplicate_put_is_idempotent(outbox: Outbox) -> None:
     assert await outbox.put(item(1, priority=2)) is True
     changed = OutboxItem(mid(1), b"other", "other/topic", priority=0)
