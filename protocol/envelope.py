@@ -85,7 +85,9 @@ message bytes.
 
 from __future__ import annotations
 
+import collections
 import enum
+import os
 import struct
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +102,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
     X25519PrivateKey,
     X25519PublicKey,
 )
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from protocol.constants import (
     DEFAULT_LIMITS,
@@ -128,6 +131,10 @@ __all__ = [
     "ENC_SIZE",
     "ENVELOPE_VERSION",
     "HEADER_SIZE",
+    "EPOCH_CACHE_ENTRIES",
+    "EPOCH_MAX_AGE_S",
+    "EPOCH_MAX_MESSAGES",
+    "EPOCH_OVERHEAD",
     "HPKE_OVERHEAD",
     "KEY_SIZE",
     "MAX_ACK_IDS",
@@ -144,11 +151,13 @@ __all__ = [
     "EnvelopeHeader",
     "EnvelopeKind",
     "EnvelopeSuite",
+    "EpochKeyCache",
     "GatewayKeys",
     "GatewayPublicKeys",
     "SuitePolicy",
     "SuiteUnavailableError",
     "UnknownKeyIdError",
+    "UplinkSealer",
     "choose_suite",
     "open_downlink",
     "open_uplink",
@@ -171,6 +180,19 @@ SIGNATURE_SIZE: Final = 64
 """Ed25519 signature size."""
 HPKE_OVERHEAD: Final = HEADER_SIZE + ENC_SIZE + TAG_SIZE + SIGNATURE_SIZE
 """Bytes an HPKE envelope adds to its message: 118."""
+EPOCH_BLOB_SIZE: Final = ENC_SIZE + KEY_SIZE + TAG_SIZE
+"""HPKE encapsulation of an epoch key: enc || sealed 32-byte key: 80."""
+_EPOCH_SIGNED_END: Final = HEADER_SIZE + EPOCH_BLOB_SIZE  # 86
+_EPOCH_COUNTER_AT: Final = _EPOCH_SIGNED_END + SIGNATURE_SIZE  # 150
+_EPOCH_BODY_AT: Final = _EPOCH_COUNTER_AT + 8  # 158
+EPOCH_OVERHEAD: Final = _EPOCH_BODY_AT + TAG_SIZE
+"""Bytes an epoch envelope (kind 0x13) adds to its message: 174."""
+EPOCH_MAX_MESSAGES: Final = 1 << 20
+"""Default most messages sealed under one epoch key before a new one."""
+EPOCH_MAX_AGE_S: Final = 600.0
+"""Default longest an epoch key seals new messages, in seconds."""
+EPOCH_CACHE_ENTRIES: Final = 4096
+"""Default most epoch keys an :class:`EpochKeyCache` holds (least recently used out)."""
 NOISE_K_OVERHEAD: Final = HEADER_SIZE + ENC_SIZE + TAG_SIZE
 """Bytes a Noise_K envelope adds to a message of <= 65,487 bytes: 54."""
 ACK_HEADER_SIZE: Final = 16
@@ -256,6 +278,7 @@ class EnvelopeKind(enum.IntEnum):
 
     UPLINK_HPKE = 0x11
     UPLINK_NOISE_K = 0x12
+    UPLINK_HPKE_EPOCH = 0x13
     DOWNLINK_HPKE = 0x21
     DOWNLINK_NOISE_K = 0x22
     ACK = 0x30
@@ -271,6 +294,7 @@ _DOWNLINK: Final = {
 }
 _SUITE_OF: Final = {
     EnvelopeKind.UPLINK_HPKE: EnvelopeSuite.HPKE,
+    EnvelopeKind.UPLINK_HPKE_EPOCH: EnvelopeSuite.HPKE,
     EnvelopeKind.UPLINK_NOISE_K: EnvelopeSuite.NOISE_K,
     EnvelopeKind.DOWNLINK_HPKE: EnvelopeSuite.HPKE,
     EnvelopeKind.DOWNLINK_NOISE_K: EnvelopeSuite.NOISE_K,
@@ -761,11 +785,14 @@ def _parse(
     """Check everything but the cryptography; return (suite, kid)."""
     header = EnvelopeHeader.decode(envelope)
     suite = _SUITE_OF.get(header.kind)
-    if suite is None or kinds[suite] is not header.kind:
+    epoch = header.kind is EnvelopeKind.UPLINK_HPKE_EPOCH and kinds is _UPLINK
+    if suite is None or (kinds[suite] is not header.kind and not epoch):
         raise MalformedError(f"envelope kind 0x{header.kind:02x} not expected here")
     if suite not in accepted:
         raise MalformedError(f"envelope suite {suite.value} not accepted")
-    if suite is EnvelopeSuite.HPKE:
+    if epoch:
+        size = len(envelope) - EPOCH_OVERHEAD
+    elif suite is EnvelopeSuite.HPKE:
         size = len(envelope) - HPKE_OVERHEAD
     else:
         size = _noise_k_message_size(len(envelope))
@@ -858,6 +885,7 @@ def open_uplink(
     device: DevicePublicKeys,
     suites: Collection[EnvelopeSuite] = _HPKE_ONLY,
     max_payload: int = MAX_PAYLOAD_SIZE,
+    epochs: EpochKeyCache | None = None,
 ) -> bytes:
     """Open a phone's envelope on the gateway; call per received payload.
 
@@ -876,6 +904,9 @@ def open_uplink(
             leaked gateway key impersonate the device (KCI): only for devices
             registered without HPKE.
         max_payload: Largest message accepted.
+        epochs: Epoch keys opened so far (epoch envelopes, kind 0x13): keep
+            one per gateway so each epoch's key is opened once. None opens
+            it for this call only.
 
     Returns:
         The message bytes.
@@ -895,9 +926,218 @@ def open_uplink(
     if keys is None:
         raise UnknownKeyIdError("envelope for an unknown gateway key id", kid=kid)
     context = _context(data[:HEADER_SIZE], binding)
+    if data[1] == EnvelopeKind.UPLINK_HPKE_EPOCH:
+        cache = EpochKeyCache(1) if epochs is None else epochs
+        return cache.open(data, context, keys._encryption, device)
     if suite is EnvelopeSuite.HPKE:
         return _open_hpke(data, context, keys._encryption, device._verify)
     return _open_noise_k(data, context, keys.encryption, device.encryption)
+
+
+# --- epoch envelopes (uplink, suite HPKE, kind 0x13) -----------------------------
+
+
+def _epoch_nonce(counter: bytes) -> bytes:
+    return b"\x00\x00\x00\x00" + counter
+
+
+@dataclass(slots=True)
+class _Epoch:
+    prefix: bytes  # header || blob || signature: the same for the whole epoch
+    context: bytes
+    aead: ChaCha20Poly1305
+    started: float
+    sealed: int = 0
+
+
+class UplinkSealer:
+    """Seals uplinks under short-lived epoch keys (kind 0x13, docs/envelope.md §4).
+
+    Per topic, an *epoch* is a random 32-byte ChaCha20-Poly1305 key that is
+    HPKE-sealed to the gateway and signed by the device once; every envelope
+    of the epoch repeats that 144-byte preamble and carries its message
+    under the epoch key with a counter nonce. HPKE and Ed25519 are paid once
+    per epoch instead of once per message; a new epoch starts after
+    ``max_messages`` messages or ``max_age_s`` seconds. Epoch keys live only
+    in this object (never stored), and a new object starts new epochs, so a
+    counter is never reused under a key. Envelopes are stored and resent as
+    identical bytes like any other.
+
+    Not thread-safe; one sealer per cloud link and gateway key epoch.
+    """
+
+    def __init__(
+        self,
+        *,
+        device_id: bytes,
+        kid: int,
+        gateway: GatewayPublicKeys,
+        device: DeviceKeys,
+        max_messages: int = EPOCH_MAX_MESSAGES,
+        max_age_s: float = EPOCH_MAX_AGE_S,
+        max_payload: int = MAX_PAYLOAD_SIZE,
+    ) -> None:
+        """Prepare a sealer; the first :meth:`seal` on a topic starts its epoch.
+
+        Raises:
+            LocalProtocolError: Bad kid or device id, ``max_messages`` not in
+                1 .. 2**64, or ``max_age_s`` not positive.
+        """
+        _check_kid(kid)
+        _binding(device_id, "")
+        if not 1 <= max_messages <= _U64_LIMIT:
+            raise LocalProtocolError("max_messages must be in 1 .. 2**64")
+        if not max_age_s > 0:
+            raise LocalProtocolError("max_age_s must be positive")
+        self.kid = kid
+        self._device_id = device_id
+        self._gateway = gateway
+        self._device = device
+        self._max_messages = max_messages
+        self._max_age_s = max_age_s
+        self._max_payload = max_payload
+        self._header = EnvelopeHeader(EnvelopeKind.UPLINK_HPKE_EPOCH, kid).encode()
+        self._epochs: dict[str, _Epoch] = {}
+        self.epochs_started = 0
+        """Epochs begun so far (each cost one HPKE seal and one signature)."""
+
+    def seal(self, message: bytes, *, topic: str, now: float) -> bytes:
+        """Seal one message for ``topic``; store and resend the result as is.
+
+        Args:
+            message: The opaque message bytes (an encoded protocol message).
+            topic: The topic it is published to; bound in, never sent.
+            now: The caller's monotonic clock, for the epoch's age.
+
+        Returns:
+            The envelope bytes (``EPOCH_OVERHEAD`` + ``len(message)``).
+
+        Raises:
+            MessageTooLargeError: ``message`` is longer than ``max_payload``.
+            SuiteUnavailableError: This build has no HPKE.
+            LocalProtocolError: Bad topic.
+        """
+        _check_payload(message, self._max_payload)
+        epoch = self._epochs.get(topic)
+        if (
+            epoch is None
+            or epoch.sealed >= self._max_messages
+            or now - epoch.started >= self._max_age_s
+        ):
+            epoch = self._epochs[topic] = self._start(topic, now)
+        counter = _U64.pack(epoch.sealed)
+        epoch.sealed += 1
+        head = epoch.prefix + counter
+        body = epoch.aead.encrypt(_epoch_nonce(counter), message, epoch.context + head)
+        return head + body
+
+    def _start(self, topic: str, now: float) -> _Epoch:
+        context = _context(self._header, _binding(self._device_id, topic))
+        key = os.urandom(KEY_SIZE)
+        try:
+            blob = _hpke_suite().encrypt(key, self._gateway._encryption, info=context)
+        except (ImportError, UnsupportedAlgorithm) as exc:
+            raise SuiteUnavailableError(
+                "HPKE is unavailable on this build; seal with NOISE_K or fail closed",
+                suite=EnvelopeSuite.HPKE,
+            ) from exc
+        signed = self._header + blob
+        prefix = signed + self._device._signing.sign(context + signed)
+        self.epochs_started += 1
+        return _Epoch(prefix, context, ChaCha20Poly1305(key), now)
+
+
+class EpochKeyCache:
+    """Epoch keys a gateway has opened: each epoch costs one HPKE and one verify.
+
+    Keyed by everything the epoch's preamble was checked against (the
+    device's verifying key, the context, the preamble bytes), so a hit needs
+    no check but the AEAD. Holds at most ``max_entries``; policy when full:
+    the least recently used key is dropped (its next envelope opens it again).
+
+    Not thread-safe; one opener at a time.
+    """
+
+    def __init__(self, max_entries: int = EPOCH_CACHE_ENTRIES) -> None:
+        """Make an empty cache.
+
+        Raises:
+            LocalProtocolError: ``max_entries`` < 1.
+        """
+        if max_entries < 1:
+            raise LocalProtocolError("max_entries must be >= 1")
+        self._max = max_entries
+        self._keys: collections.OrderedDict[bytes, ChaCha20Poly1305] = (
+            collections.OrderedDict()
+        )
+        self.opened = 0
+        """Epoch keys opened (cache misses that verified)."""
+
+    def __len__(self) -> int:
+        """The number of epoch keys held."""
+        return len(self._keys)
+
+    def open(
+        self,
+        data: bytes,
+        context: bytes,
+        recipient: X25519PrivateKey,
+        device: DevicePublicKeys,
+    ) -> bytes:
+        """Open an epoch envelope whose length and kid the caller checked.
+
+        Raises:
+            AuthenticationError: The epoch's signature or key, or the
+                message's tag, does not verify.
+            SuiteUnavailableError: This build has no HPKE.
+        """
+        preamble = data[HEADER_SIZE:_EPOCH_COUNTER_AT]
+        slot = b"".join((device.verify, _U16.pack(len(context)), context, preamble))
+        aead = self._keys.get(slot)
+        if aead is None:
+            aead = self._open_epoch(data, context, recipient, device)
+            self._keys[slot] = aead
+            self.opened += 1
+            if len(self._keys) > self._max:
+                self._keys.popitem(last=False)
+        else:
+            self._keys.move_to_end(slot)
+        counter = data[_EPOCH_COUNTER_AT:_EPOCH_BODY_AT]
+        try:
+            return aead.decrypt(
+                _epoch_nonce(counter),
+                data[_EPOCH_BODY_AT:],
+                context + data[:_EPOCH_BODY_AT],
+            )
+        except InvalidTag:
+            raise AuthenticationError("envelope ciphertext did not verify") from None
+
+    @staticmethod
+    def _open_epoch(
+        data: bytes,
+        context: bytes,
+        recipient: X25519PrivateKey,
+        device: DevicePublicKeys,
+    ) -> ChaCha20Poly1305:
+        signed = data[:_EPOCH_SIGNED_END]
+        try:
+            device._verify.verify(
+                data[_EPOCH_SIGNED_END:_EPOCH_COUNTER_AT], context + signed
+            )
+        except InvalidSignature:
+            raise AuthenticationError("epoch signature did not verify") from None
+        try:
+            key = _hpke_suite().decrypt(signed[HEADER_SIZE:], recipient, info=context)
+        except (InvalidTag, ValueError):
+            raise AuthenticationError("epoch key did not verify") from None
+        except (ImportError, UnsupportedAlgorithm) as exc:
+            raise SuiteUnavailableError(
+                "HPKE envelope accepted but HPKE is unavailable on this build",
+                suite=EnvelopeSuite.HPKE,
+            ) from exc
+        if len(key) != KEY_SIZE:
+            raise AuthenticationError("epoch key has the wrong size")
+        return ChaCha20Poly1305(key)
 
 
 def open_downlink(

@@ -29,10 +29,13 @@ from protocol.bodies import Presence
 from protocol.cloud import Channels, decode_batch, encode_batch
 from protocol.constants import MessageKind
 from protocol.envelope import (
+    EPOCH_MAX_AGE_S,
+    EPOCH_MAX_MESSAGES,
     EnvelopeHeader,
     EnvelopeKind,
     EnvelopeSuite,
     GatewayPublicKeys,
+    UplinkSealer,
     open_downlink,
     seal_uplink,
     verify_ack,
@@ -63,6 +66,11 @@ class CloudConfig:
         batch_bytes: Bytes packed into one payload.
         batches_per_send: Payloads handed to the uplink per pump round (they
             are published concurrently; 1 = each publish awaited in turn).
+        epoch_messages: Uplinks sealed under one epoch key (docs/envelope.md
+            §4: one HPKE seal and one signature per epoch, then an AEAD per
+            message); 0 seals every message on its own (HPKE and a signature
+            each, about 0.4 ms).
+        epoch_seconds: Longest an epoch key seals new messages.
         max_pending_puts: Messages handed to the outbox and not yet committed.
             Policy when reached: the intake waits for commits (backpressure
             to the glasses); 1 = every message waits for its own commit.
@@ -84,6 +92,8 @@ class CloudConfig:
     batch_items: int = 64
     batch_bytes: int = 64 * 1024
     batches_per_send: int = 4
+    epoch_messages: int = EPOCH_MAX_MESSAGES
+    epoch_seconds: float = EPOCH_MAX_AGE_S
     max_pending_puts: int = 64
     resend_after: float = 3.0
     resend_cap: float = 60.0
@@ -162,6 +172,7 @@ class CloudLink:
         self.observer = observer
         self._in_flight: dict[bytes, float] = {}
         self._attempts: dict[bytes, int] = {}  # sends so far, by message id
+        self._sealer: UplinkSealer | None = None
         self._wake = asyncio.Event()
         self._pending_puts = 0
         self._put_room = asyncio.Event()
@@ -190,6 +201,19 @@ class CloudLink:
     def _seal(self, message: bytes, topic: str) -> bytes:
         assert self.gateway is not None  # noqa: S101
         self.stats.sealed += 1
+        gateway = self.gateway
+        if self.suite is EnvelopeSuite.HPKE and self.config.epoch_messages:
+            sealer = self._sealer
+            if sealer is None or sealer.kid != gateway.kid:
+                sealer = self._sealer = UplinkSealer(
+                    device_id=self.identity.device_id,
+                    kid=gateway.kid,
+                    gateway=gateway.keys,
+                    device=self.identity.device_keys,
+                    max_messages=self.config.epoch_messages,
+                    max_age_s=self.config.epoch_seconds,
+                )
+            return sealer.seal(message, topic=topic, now=time.monotonic())
         return seal_uplink(
             message,
             topic=topic,

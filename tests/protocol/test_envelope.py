@@ -27,6 +27,7 @@ from protocol.constants import MESSAGE_ID_SIZE
 from protocol.envelope import (
     ACK_OVERHEAD,
     ENVELOPE_VERSION,
+    EPOCH_OVERHEAD,
     HEADER_SIZE,
     HPKE_OVERHEAD,
     MAX_ACK_IDS,
@@ -41,11 +42,13 @@ from protocol.envelope import (
     EnvelopeHeader,
     EnvelopeKind,
     EnvelopeSuite,
+    EpochKeyCache,
     GatewayKeys,
     GatewayPublicKeys,
     SuitePolicy,
     SuiteUnavailableError,
     UnknownKeyIdError,
+    UplinkSealer,
     choose_suite,
     open_downlink,
     open_uplink,
@@ -104,6 +107,15 @@ class World:
             gateway=self.pinned[kid],
             device=self.device,
             suite=suite,
+        )
+
+    def sealer(self, *, kid: int = KID, **limits: float) -> UplinkSealer:
+        return UplinkSealer(
+            device_id=self.device_id,
+            kid=kid,
+            gateway=self.pinned[kid],
+            device=self.device,
+            **limits,  # type: ignore[arg-type]
         )
 
     def open_up(
@@ -606,9 +618,12 @@ def test_version_and_kind(world: World) -> None:
     assert (caught.value.got, caught.value.supported) == (2, ENVELOPE_VERSION)
     with pytest.raises(UnsupportedVersionError):
         world.verify(bytes([0]) + world.sign([])[1:])
-    for kind in (0x00, 0x13, 0x31, 0xFF):
+    for kind in (0x00, 0x14, 0x31, 0xFF):
         with pytest.raises(MalformedError):
             world.open_up(env[:1] + bytes([kind]) + env[2:])
+    # A per-message envelope relabelled as an epoch one does not open.
+    with pytest.raises(AuthenticationError):
+        world.open_up(env[:1] + bytes([EnvelopeKind.UPLINK_HPKE_EPOCH]) + env[2:])
     with pytest.raises(MalformedError):
         EnvelopeHeader.decode(env[:5])
 
@@ -640,6 +655,7 @@ def _genuine(world: World) -> Iterator[tuple[str, bytes]]:
     for suite in BOTH:
         yield "up", world.seal_up(message(40, seed=3), suite)
         yield "down", world.seal_down(message(40, seed=4), suite)
+    yield "up", world.sealer().seal(message(40, seed=5), topic=UP_TOPIC, now=0.0)
     yield "ack", world.sign([os.urandom(16) for _ in range(3)])
 
 
@@ -682,6 +698,160 @@ def test_error_text_carries_no_secrets(world: World) -> None:
         for secret in secrets_:
             assert secret.hex() not in text
             assert repr(secret)[2:-1] not in text
+
+
+# --- epoch envelopes (kind 0x13) ---------------------------------------------
+
+
+def _preamble(envelope: bytes) -> bytes:
+    return envelope[HEADER_SIZE : HEADER_SIZE + 144]
+
+
+def test_epoch_round_trip_overhead_and_rotation(world: World) -> None:
+    sealer = world.sealer(max_messages=3, max_age_s=10.0)
+    cache = EpochKeyCache()
+    sent = [message(size, seed=size) for size in (0, 16, 200, 4096, 70_000)]
+    envelopes = [sealer.seal(m, topic=UP_TOPIC, now=0.0) for m in sent]
+    for msg, env in zip(sent, envelopes, strict=True):
+        assert len(env) == len(msg) + EPOCH_OVERHEAD
+        assert env[1] == EnvelopeKind.UPLINK_HPKE_EPOCH
+        assert (
+            open_uplink(
+                env,
+                topic=UP_TOPIC,
+                device_id=world.device_id,
+                gateway_keys=world.gateway,
+                device=world.device.public(),
+                epochs=cache,
+            )
+            == msg
+        )
+        assert world.open_up(env) == msg  # without a cache too
+    # Three messages per epoch: the preamble repeats within one, counters run.
+    assert sealer.epochs_started == 2
+    assert cache.opened == 2
+    assert len(cache) == 2
+    preambles = [_preamble(env) for env in envelopes]
+    assert preambles[0] == preambles[1] == preambles[2] != preambles[3]
+    counters = [env[150:158] for env in envelopes]
+    assert [int.from_bytes(c, "big") for c in counters] == [0, 1, 2, 0, 1]
+    # Age ends an epoch too; so does another topic (each has its own).
+    later = sealer.seal(b"x", topic=UP_TOPIC, now=10.0)
+    assert sealer.epochs_started == 3
+    assert _preamble(later) != preambles[3]
+    other = sealer.seal(b"x", topic=UP_TOPIC + "/presence", now=10.0)
+    assert sealer.epochs_started == 4
+    assert _preamble(other) != _preamble(later)
+
+
+def test_epoch_keys_are_fresh_per_sealer(world: World) -> None:
+    msg = message()
+    first = world.sealer().seal(msg, topic=UP_TOPIC, now=0.0)
+    second = world.sealer().seal(msg, topic=UP_TOPIC, now=0.0)
+    assert _preamble(first) != _preamble(second)
+    assert first[HEADER_SIZE + 144 :] != second[HEADER_SIZE + 144 :]
+
+
+def test_epoch_swaps_and_splices_are_rejected(world: World) -> None:
+    sealer = world.sealer(max_messages=2)
+    a, b, c = (sealer.seal(message(seed=i), topic=UP_TOPIC, now=0.0) for i in range(3))
+    with pytest.raises(AuthenticationError):
+        world.open_up(a, topic=DOWN_TOPIC)
+    with pytest.raises(AuthenticationError):
+        world.open_up(a, device_id=world.other_id)
+    for kid in NEIGHBOUR_KIDS:  # another kid: another context and key
+        moved = a[:2] + kid.to_bytes(4, "big") + a[HEADER_SIZE:]
+        with pytest.raises(AuthenticationError):
+            world.open_up(moved)
+    # c is in another epoch: its body under a's preamble does not open, and a
+    # body moved to another counter of the same epoch does not either.
+    with pytest.raises(AuthenticationError):
+        world.open_up(a[:158] + c[158:])
+    with pytest.raises(AuthenticationError):
+        world.open_up(a[:150] + b[150:158] + a[158:])
+    EpochKeyCache()
+    world.open_up(a)
+    assert world.open_up(b) == message(seed=1)
+
+
+def test_epoch_preamble_resigned_by_another_device_is_rejected(world: World) -> None:
+    env = world.sealer().seal(message(), topic=UP_TOPIC, now=0.0)
+    other_id = world.other_id
+    header = env[:HEADER_SIZE]
+    # The other registered device signs the victim's epoch for its own id:
+    # the signature checks, but the epoch key was sealed for another context.
+    from protocol.envelope import _binding, _context
+
+    context = _context(header, _binding(other_id, UP_TOPIC))
+    signed = env[: HEADER_SIZE + 80]
+    resigned = (
+        signed
+        + Ed25519PrivateKey.from_private_bytes(world.other.signing).sign(
+            context + signed
+        )
+        + env[HEADER_SIZE + 144 :]
+    )
+    with pytest.raises(AuthenticationError, match="epoch key"):
+        world.open_up(resigned, device_id=other_id, device=world.other.public())
+
+
+def test_epoch_cache_is_bounded_and_keyed_by_the_device_key(world: World) -> None:
+    cache = EpochKeyCache(max_entries=2)
+    envelopes = [
+        world.sealer().seal(message(seed=i), topic=UP_TOPIC, now=0.0) for i in range(3)
+    ]
+
+    def open_(env: bytes, device: DevicePublicKeys) -> bytes:
+        return open_uplink(
+            env,
+            topic=UP_TOPIC,
+            device_id=world.device_id,
+            gateway_keys=world.gateway,
+            device=device,
+            epochs=cache,
+        )
+
+    for env in envelopes:
+        open_(env, world.device.public())
+    assert len(cache) == 2
+    assert cache.opened == 3
+    open_(envelopes[2], world.device.public())  # still held: no new open
+    assert cache.opened == 3
+    open_(envelopes[0], world.device.public())  # evicted: opened again
+    assert cache.opened == 4
+    # A device re-registered with other keys does not inherit cached epochs.
+    with pytest.raises(AuthenticationError):
+        open_(envelopes[0], world.other.public())
+
+
+def test_epoch_caller_mistakes(world: World) -> None:
+    with pytest.raises(LocalProtocolError):
+        world.sealer(max_messages=0)
+    with pytest.raises(LocalProtocolError):
+        world.sealer(max_age_s=0.0)
+    with pytest.raises(LocalProtocolError):
+        EpochKeyCache(0)
+    with pytest.raises(MessageTooLargeError):
+        UplinkSealer(
+            device_id=world.device_id,
+            kid=KID,
+            gateway=world.pinned[KID],
+            device=world.device,
+            max_payload=10,
+        ).seal(os.urandom(11), topic=UP_TOPIC, now=0.0)
+    env = world.sealer().seal(os.urandom(1000), topic=UP_TOPIC, now=0.0)
+    with pytest.raises(LimitExceededError):
+        open_uplink(
+            env,
+            topic=UP_TOPIC,
+            device_id=world.device_id,
+            gateway_keys=world.gateway,
+            device=world.device.public(),
+            max_payload=999,
+        )
+    # Not a downlink kind: a phone refuses it.
+    with pytest.raises(MalformedError):
+        world.open_down(env)
 
 
 # --- fuzzing ------------------------------------------------------------------

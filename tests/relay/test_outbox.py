@@ -511,3 +511,59 @@ async def test_cloud_link_applies_expiry_with_no_uplink(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize(("epoch_messages", "kind"), [(2, 0x13), (0, 0x11)])
+async def test_cloud_link_seals_under_epoch_keys_unless_told_not_to(
+    tmp_path: Path, outbox: Outbox, epoch_messages: int, kind: int
+) -> None:
+    """What the outbox stores: epoch envelopes (one HPKE seal and signature per
+    epoch) by default, per-message ones with ``epoch_messages = 0``; both open."""
+    from protocol.cloud import GatewayRecord
+    from protocol.constants import MessageKind
+    from protocol.envelope import (
+        DeviceKeys,
+        EpochKeyCache,
+        GatewayKeys,
+        open_uplink,
+    )
+    from protocol.message import Message
+    from relay.cloudlink import CloudConfig, CloudLink
+    from relay.identity import PhoneIdentity
+
+    identity = PhoneIdentity(tmp_path / "state")
+    gateway = GatewayKeys.generate()
+    public = gateway.public()
+    (tmp_path / "gateway.json").write_text(
+        GatewayRecord(3, public.encryption, public.verify).encode()
+    )
+    link = CloudLink(
+        identity,
+        outbox,
+        None,
+        lambda message: None,
+        gateway_key_file=tmp_path / "gateway.json",
+        config=CloudConfig(epoch_messages=epoch_messages),
+    )
+    sent = [
+        Message(MessageKind.EVENT, os.urandom(16), b"tick %d" % n) for n in range(5)
+    ]
+    for message in sent:
+        assert await link.put(message, Priority.NORMAL) is PutOutcome.STORED
+    rows = await outbox.next_batch(10, 10**6)
+    assert [row.envelope[1] for row in rows] == [kind] * 5
+    device: DeviceKeys = identity.device_keys
+    cache = EpochKeyCache()
+    opened = [
+        open_uplink(
+            row.envelope,
+            topic=row.topic,
+            device_id=identity.device_id,
+            gateway_keys={3: gateway},
+            device=device.public(),
+            epochs=cache,
+        )
+        for row in rows
+    ]
+    assert opened == [m.encode() for m in sent]
+    assert cache.opened == (3 if epoch_messages else 0)

@@ -19,6 +19,7 @@ from typing import Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from protocol.cloud import DEFAULT_PREFIX
+from protocol.envelope import EPOCH_CACHE_ENTRIES
 from relay.errors import ConfigError
 from relay.uplink import Backoff, parse_broker_url
 from tools.cloud.assistant import DEFAULT_LATENCY, LatencyModel
@@ -291,6 +292,8 @@ class GatewayConfig:
         send_timeout_s: Bound on one downlink publish or frame.
         backoff: Broker reconnect delays.
         registry_rescan_s: Least time between two scans for unknown devices.
+        epoch_cache: Epoch keys of phones' uplinks kept opened (each costs one
+            HPKE open and one signature check; the least recently used goes).
     """
 
     state_dir: Path
@@ -325,6 +328,7 @@ class GatewayConfig:
     send_timeout_s: float = 10.0
     backoff: Backoff = field(default_factory=Backoff)
     registry_rescan_s: float = 0.25
+    epoch_cache: int = EPOCH_CACHE_ENTRIES
 
     def __post_init__(self) -> None:
         """Validate offline.
@@ -387,6 +391,7 @@ class GatewayConfig:
         for name in (
             "max_queue",
             "max_batch",
+            "epoch_cache",
             "max_answers",
             "max_pending_downlink",
             "max_request_bytes",

@@ -50,6 +50,7 @@ from protocol.cloud import decode_batch, encode_batch
 from protocol.constants import MessageFlags, MessageKind
 from protocol.envelope import (
     MAX_ACK_IDS,
+    EpochKeyCache,
     GatewayKeys,
     UnknownKeyIdError,
     open_uplink,
@@ -173,6 +174,7 @@ class Gateway:
         self._config = config
         self._keys = keys
         self._key_map = {KID: keys}
+        self._epochs = EpochKeyCache(config.epoch_cache)  # worker thread only
         self._registry = registry
         self._store = store
         self._ledger = ledger
@@ -326,6 +328,7 @@ class Gateway:
                 device_id=device.device_id,
                 gateway_keys=self._key_map,
                 device=device.public,
+                epochs=self._epochs,
             )
         except UnknownKeyIdError:
             return "unknown_kid"
