@@ -2,7 +2,7 @@
 
 What the outbox stores and the broker carries (SECURITY.md §1 "Cloud
 envelope", §1.3; ARCHITECTURE.md "The bytes, outermost first"). Every payload
-on every cloud topic is one of three binary objects, all big-endian, none
+on every cloud topic is one of the binary objects below, all big-endian, none
 carrying a cleartext label beyond a version, a kind byte and a key id:
 
 Uplink and downlink envelope, suite HPKE (encrypt, then sign)::
@@ -18,6 +18,20 @@ Uplink and downlink envelope, suite HPKE (encrypt, then sign)::
     HPKE: base mode, KEM X25519, KDF HKDF-SHA256, AEAD ChaCha20-Poly1305,
     info = context. Fixed overhead HPKE_OVERHEAD = 118 bytes (134 with the
     16-byte message id that starts every protocol message).
+
+Uplink envelope under an epoch key, suite HPKE (:class:`UplinkSealer`)::
+
+    0       1     version    ENVELOPE_VERSION (1)
+    1       1     kind       0x13 (EnvelopeKind.UPLINK_HPKE_EPOCH)
+    2       4     kid        u32, the gateway key epoch
+    6       80    epoch key  HPKE(enc || sealed 32-byte key), info = context
+    86      64    signature  Ed25519 over context || bytes 0 .. 85
+    150     8     counter    u64, per epoch, from 0
+    158     n+16  ct         ChaCha20-Poly1305(epoch key, nonce = 0^4 || counter,
+                             aad = context || bytes 0 .. 157)
+
+    Bytes 6 .. 149 repeat for every envelope of an epoch; HPKE and Ed25519
+    run once per epoch. EPOCH_OVERHEAD = 174 bytes.
 
 Uplink and downlink envelope, suite NOISE_K (fallback without HPKE)::
 
