@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -44,7 +45,7 @@ from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.message import Message, decode_messages
 from relay.errors import UplinkError
 from relay.identity import GatewayKey, PhoneIdentity
-from relay.outbox import Outbox, OutboxItem, PutOutcome
+from relay.outbox import Outbox, OutboxItem, OutboxRow, PutOutcome
 from relay.uplink.base import Uplink, UplinkState
 
 __all__ = ["UNSEALED", "CloudConfig", "CloudLink", "CloudStats", "LinkObserver"]
@@ -173,6 +174,8 @@ class CloudLink:
         self._in_flight: dict[bytes, float] = {}
         self._attempts: dict[bytes, int] = {}  # sends so far, by message id
         self._sealer: UplinkSealer | None = None
+        self._deleting: set[bytes] = set()  # acked; the outbox delete is queued
+        self._room_blocked = False  # the pump waits for acks (max_in_flight)
         self._wake = asyncio.Event()
         self._pending_puts = 0
         self._put_room = asyncio.Event()
@@ -385,6 +388,9 @@ class CloudLink:
         uplink = self.uplink
         config = self.config
         reconnects = -1
+        # The generation at which the outbox had nothing more to send: until
+        # it changes (or rows come back for resending) reading is wasted.
+        drained_at: int | None = None
         while True:
             await uplink.wait_connected()
             stats = uplink.stats()
@@ -394,20 +400,25 @@ class CloudLink:
                     self.observer.uplink_down(time.monotonic())
                 reconnects = stats.reconnects
                 self._in_flight.clear()
+                drained_at = None
                 await self._announce_online()
             now = time.monotonic()
             room = config.max_in_flight - len(self._in_flight)
             generation = self.outbox.generation
-            rows = []
-            if room > 0:
-                rows = await self.outbox.next_batch(
-                    min(room, config.batch_items * config.batches_per_send),
+            rows: list[OutboxRow] = []
+            self._room_blocked = room <= 0
+            if room > 0 and drained_at != generation:
+                want = min(room, config.batch_items * config.batches_per_send)
+                rows, complete = await self.outbox.next_rows(
+                    want,
                     config.batch_bytes * config.batches_per_send,
-                    exclude=frozenset(self._in_flight),
+                    exclude=self._deleting.union(self._in_flight),
                 )
+                drained_at = generation if complete else None
             rows = [r for r in rows if r.topic != UNSEALED]
             if not rows:
-                await self._idle(generation)
+                if await self._idle(generation):
+                    drained_at = None
                 continue
             batches: list[list[bytes]] = [[]]
             keys: list[bytes] = [rows[0].msg_id]
@@ -427,6 +438,7 @@ class CloudLink:
                 await uplink.send([("up", p) for p in payloads])
             except UplinkError as exc:
                 _LOGGER.info("uplink send failed (%s); will resend", exc)
+                drained_at = None
                 continue
             if self.observer is not None:
                 sent_at = time.monotonic()
@@ -475,28 +487,33 @@ class CloudLink:
         except UplinkError as exc:
             _LOGGER.info("presence not sent (%s)", exc)
 
-    async def _idle(self, generation: int) -> None:
-        """Wait for new rows, an ack, or the next resend time."""
+    async def _idle(self, generation: int) -> bool:
+        """Wait for new rows, room in the window, or the next resend time.
+
+        Returns:
+            True if rows came due for resending (they are sendable again).
+        """
         now = time.monotonic()
-        due = min(self._in_flight.values(), default=now + 1.0)
-        for mid, when in list(self._in_flight.items()):
-            if when <= now:
-                del self._in_flight[mid]  # resend it
-        if any(when <= now for when in self._in_flight.values()):
-            return
+        due = [mid for mid, when in self._in_flight.items() if when <= now]
+        for mid in due:
+            del self._in_flight[mid]  # resend it
+        if due:
+            return True
+        next_due = min(self._in_flight.values(), default=now + 1.0)
         self._wake.clear()
         stored = asyncio.ensure_future(self.outbox.wait_stored(generation))
         woken = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait(
                 {stored, woken},
-                timeout=max(0.05, min(1.0, due - now)),
+                timeout=max(0.01, min(1.0, next_due - now)),
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             for task in (stored, woken):
                 task.cancel()
             await asyncio.gather(stored, woken, return_exceptions=True)
+        return False
 
     async def _downlink(self) -> None:
         assert self.uplink is not None  # noqa: S101
@@ -544,14 +561,21 @@ class CloudLink:
                 for mid in acked:
                     self._in_flight.pop(mid, None)
                     self._attempts.pop(mid, None)
-                # Not awaited: a next_batch queued after it never sees these
-                # rows, and the delete shares a transaction with other writes.
-                self.outbox.ack_soon(acked).add_done_callback(self._acked_rows)
-                self._wake.set()
+                # Lazy: the delete rides on the next put's transaction (or
+                # gets its own after outbox.lazy_flush_interval); until then
+                # the pump skips these rows.
+                ids = tuple(acked)
+                self._deleting.update(ids)
+                self.outbox.ack_soon(ids, lazy=True).add_done_callback(
+                    functools.partial(self._acked_rows, ids)
+                )
+                if self._room_blocked:
+                    self._wake.set()
                 if self._on_acked is not None:
                     self._on_acked(acked)
 
-    def _acked_rows(self, future: asyncio.Future[int]) -> None:
+    def _acked_rows(self, ids: tuple[bytes, ...], future: asyncio.Future[int]) -> None:
+        self._deleting.difference_update(ids)
         if not future.cancelled() and future.exception() is None:
             self.stats.acked += future.result()
         else:

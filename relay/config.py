@@ -378,6 +378,12 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("outbox", "commit_max_batch", _POSITIVE, _OUTBOX.commit_max_batch),
     Key(
         "outbox",
+        "lazy_flush_interval",
+        _Float(0, 10, lo_open=False),
+        _OUTBOX.lazy_flush_interval,
+    ),
+    Key(
+        "outbox",
         "synchronous",
         _Choice(("normal", "full")),
         _OUTBOX.synchronous.lower(),
@@ -840,6 +846,7 @@ def _build(
                 max_age_s=v.get_float("outbox.max_age"),
                 commit_interval=v.get_float("outbox.commit_interval"),
                 commit_max_batch=v.get_int("outbox.commit_max_batch"),
+                lazy_flush_interval=v.get_float("outbox.lazy_flush_interval"),
                 synchronous=Synchronous(v.get_str("outbox.synchronous").upper()),
             ),
             cloud=CloudConfig(

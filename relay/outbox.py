@@ -216,6 +216,9 @@ class OutboxConfig:
         commit_interval: Seconds the worker waits for more puts to join a transaction
             (0 = only those already queued).
         commit_max_batch: Most rows in one group-commit transaction.
+        lazy_flush_interval: Longest a lazy write (an attempt mark, an ack
+            from the cloud link) waits for another transaction to ride on
+            before it gets one of its own.
         synchronous: SQLite ``synchronous`` mode (``NORMAL`` or ``FULL``).
     """
 
@@ -224,6 +227,7 @@ class OutboxConfig:
     max_age_s: float = 7 * 24 * 3600.0
     commit_interval: float = 0.005
     commit_max_batch: int = 256
+    lazy_flush_interval: float = 0.1
     synchronous: Synchronous = Synchronous.NORMAL
 
     def __post_init__(self) -> None:
@@ -238,6 +242,8 @@ class OutboxConfig:
             raise ValueError("max_age_s must be > 0")
         if not 0 <= self.commit_interval <= 1:
             raise ValueError("commit_interval must be within [0, 1] seconds")
+        if not 0 <= self.lazy_flush_interval <= 10:
+            raise ValueError("lazy_flush_interval must be within [0, 10] seconds")
         Synchronous(self.synchronous)  # raises ValueError if unknown
 
 
@@ -607,9 +613,11 @@ class _Store:
 
     def next_batch(
         self, max_items: int, max_bytes: int, exclude: frozenset[bytes], now: float
-    ) -> list[OutboxRow]:
+    ) -> tuple[list[OutboxRow], bool]:
+        """The rows to send, and whether they are all there was to send."""
         rows: list[OutboxRow] = []
         total = 0
+        complete = True
         cursor = self.conn.execute(
             _SELECT_SENDABLE, (now, now - self._config.max_age_s)
         )
@@ -621,6 +629,7 @@ class _Store:
                 if msg_id in exclude:
                     continue
                 if rows and total + size > max_bytes:
+                    complete = False
                     break
                 rows.append(
                     OutboxRow(
@@ -637,10 +646,11 @@ class _Store:
                 )
                 total += size
                 if len(rows) >= max_items:
+                    complete = cursor.fetchone() is None
                     break
         finally:
             cursor.close()
-        return rows
+        return rows, complete
 
     def _ack_in(self, conn: sqlite3.Connection, ids: Sequence[bytes]) -> int:
         deleted = 0
@@ -800,7 +810,7 @@ class Outbox:
         self._loop = loop
         self._store = _Store(path, config)
         self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
-        self._held: list[_WriteRequest] = []  # lazy marks (worker thread only)
+        self._held: list[_WriteRequest] = []  # lazy writes (worker thread only)
         self._opened: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(
             target=self._serve, args=(clock(),), name=f"outbox:{path.name}", daemon=True
@@ -974,6 +984,29 @@ class Outbox:
             OutboxClosedError: The outbox is closed.
             OutboxStorageError: SQLite failed.
         """
+        rows, _ = await self.next_rows(max_items, max_bytes, exclude=exclude)
+        return rows
+
+    async def next_rows(
+        self,
+        max_items: int,
+        max_bytes: int,
+        *,
+        exclude: Set[bytes] = frozenset(),
+    ) -> tuple[list[OutboxRow], bool]:
+        """Like :meth:`next_batch`; also says whether nothing else was sendable.
+
+        Returns:
+            The rows, and True if no other sendable row was left behind (by
+            ``max_items``, ``max_bytes`` or ``exclude`` aside), so until
+            :attr:`generation` changes or ids leave ``exclude`` another call
+            would return nothing new.
+
+        Raises:
+            ValueError: ``max_items`` < 1.
+            OutboxClosedError: The outbox is closed.
+            OutboxStorageError: SQLite failed.
+        """
         if max_items < 1:
             raise ValueError("max_items must be >= 1")
         skip = frozenset(exclude)
@@ -999,17 +1032,23 @@ class Outbox:
         """
         return await self.ack_soon(ids)
 
-    def ack_soon(self, ids: Iterable[bytes]) -> asyncio.Future[int]:
+    def ack_soon(
+        self, ids: Iterable[bytes], *, lazy: bool = False
+    ) -> asyncio.Future[int]:
         """Queue the deletion of acknowledged rows; the future gives the count.
 
         Like :meth:`ack`, without waiting: requests are served in order, so a
-        :meth:`next_batch` called after this never returns these rows. Queued
-        writes share one transaction.
+        :meth:`next_batch` called after this never returns these rows unless
+        ``lazy``. Queued writes share one transaction. With ``lazy`` the
+        delete waits up to ``lazy_flush_interval`` for another write to ride
+        on; until the future is done, :meth:`next_batch` may still return
+        these rows (exclude them), and a crash may keep them (resent, then
+        dropped by the gateway as duplicates).
 
         Raises:
             OutboxClosedError: The outbox is closed.
         """
-        return self._submit_ids(_IdsOp.ACK, ids)
+        return self._submit_ids(_IdsOp.ACK, ids, lazy=lazy)
 
     def _submit_ids(
         self, op: _IdsOp, ids: Iterable[bytes], *, lazy: bool = False
@@ -1080,8 +1119,8 @@ class Outbox:
     ) -> asyncio.Future[int]:
         """Queue :meth:`mark_attempt` without waiting; the future gives the count.
 
-        With ``lazy`` the mark opens no transaction of its own: it is written
-        with the next put or ack (or at close), so until then
+        With ``lazy`` the mark waits up to ``lazy_flush_interval`` for the next
+        put or ack to share its transaction, so until then
         :meth:`next_batch` may return the old count, and a crash may lose it.
 
         Raises:
@@ -1265,8 +1304,18 @@ class Outbox:
             return
         self._post(self._complete, self._opened, None, store.state.rows)
         carried: _Request | None = None
+        flush = self._config.lazy_flush_interval
         while True:
-            request = carried if carried is not None else self._requests.get()
+            if carried is not None:
+                request = carried
+            elif self._held:
+                try:
+                    request = self._requests.get(timeout=flush)
+                except queue.Empty:
+                    self._write(store, [], 0)  # held lazy writes waited enough
+                    continue
+            else:
+                request = self._requests.get()
             carried = None
             if isinstance(request, _PutRequest | _IdsRequest):
                 carried = self._serve_writes(store, request)
@@ -1274,7 +1323,7 @@ class Outbox:
                 request.run(store)
             else:
                 if self._held:
-                    self._write(store, [], 0)  # lazy marks still held
+                    self._write(store, [], 0)  # lazy writes still held
                 try:
                     store.close()
                 except sqlite3.Error as exc:
@@ -1318,7 +1367,7 @@ class Outbox:
         return carried
 
     def _write(self, store: _Store, batch: list[_WriteRequest], count: int) -> None:
-        """Commit ``batch`` after any held lazy marks, in one transaction."""
+        """Commit ``batch`` after any held lazy writes, in one transaction."""
         if self._held:
             batch = [*self._held, *batch]
             self._held.clear()

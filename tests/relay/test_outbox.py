@@ -167,7 +167,7 @@ async def test_queued_puts_acks_and_marks_share_one_transaction(
 
 
 async def test_lazy_marks_wait_for_the_next_write_or_close(db: Path) -> None:
-    config = OutboxConfig(commit_interval=0)
+    config = OutboxConfig(commit_interval=0, lazy_flush_interval=10)
     async with await Outbox.open(db, config) as ob:
         await ob.put_many([item(1), item(2)])
         before = (await ob.stats()).transactions
@@ -183,6 +183,31 @@ async def test_lazy_marks_wait_for_the_next_write_or_close(db: Path) -> None:
     async with await Outbox.open(db, config) as ob:
         (row,) = await ob.next_batch(10, 10**6)
         assert row.attempts == 2
+
+
+async def test_next_rows_says_whether_anything_was_left(outbox: Outbox) -> None:
+    await outbox.put_many([item(1, size=100), item(2, size=100), item(3, size=100)])
+    rows, complete = await outbox.next_rows(2, 10**6)
+    assert ([r.msg_id for r in rows], complete) == ([mid(1), mid(2)], False)
+    rows, complete = await outbox.next_rows(3, 10**6)
+    assert (len(rows), complete) == (3, True)
+    rows, complete = await outbox.next_rows(10, 150)  # cut by bytes
+    assert (len(rows), complete) == (1, False)
+    rows, complete = await outbox.next_rows(10, 10**6, exclude={mid(1), mid(3)})
+    assert ([r.msg_id for r in rows], complete) == ([mid(2)], True)
+
+
+async def test_a_lazy_ack_waits_at_most_the_flush_interval(db: Path) -> None:
+    config = OutboxConfig(commit_interval=0, lazy_flush_interval=0.05)
+    async with await Outbox.open(db, config) as ob:
+        await ob.put_many([item(1), item(2)])
+        before = (await ob.stats()).transactions
+        lazy = ob.ack_soon([mid(1)], lazy=True)
+        # Nothing else is written: it gets its own transaction, soon.
+        async with asyncio.timeout(5):
+            assert await lazy == 1
+        assert (await ob.stats()).transactions == before + 1
+        assert [r.msg_id for r in await ob.next_batch(10, 10**6)] == [mid(2)]
 
 
 async def test_duplicate_put_is_idempotent(outbox: Outbox) -> None:

@@ -101,6 +101,20 @@ def _run_link(args: argparse.Namespace) -> int:
 _E2E_PROFILES = sorted(PROFILES)
 
 
+def _profile_list(text: str) -> list[str]:
+    """``--profile`` of bench throughput: names separated by commas, or all."""
+    if text == "all":
+        return list(_E2E_PROFILES)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PROFILES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown) or repr(text)} is not a profile; use "
+            f"{', '.join(_E2E_PROFILES)}, several separated by commas, or all"
+        )
+    return list(dict.fromkeys(names))
+
+
 def _add_cloud_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--uplink", default="mqtt", choices=("mqtt", "ws"), help="uplink (default mqtt)"
@@ -167,9 +181,17 @@ def _register_throughput(
     )
     parser.add_argument(
         "--profile",
-        choices=_E2E_PROFILES,
-        help="link profile (e2e: default android-2m; pipeline: only sets the "
-        "notification size, default 244 bytes)",
+        type=_profile_list,
+        metavar="NAME[,NAME...]|all",
+        help="link profile, several separated by commas, or all (one run each); "
+        f"one of {', '.join(_E2E_PROFILES)} (e2e: default android-2m; pipeline: "
+        "only sets the notification size, default 244 bytes)",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="also draw goodput and CPU per profile, batched against naive, as PNG",
     )
     parser.add_argument(
         "--duration",
@@ -219,6 +241,8 @@ def _run_throughput(args: argparse.Namespace) -> int:
 
     if not 1.0 <= args.duration <= 3600.0:
         raise ConfigError(f"--duration {args.duration:g}: use 1 to 3600 seconds")
+    if args.plot is not None and not args.plot.parent.is_dir():
+        raise ConfigError(f"--plot {args.plot}: no directory {args.plot.parent}")
     return run_cli(args, args.mode)
 
 

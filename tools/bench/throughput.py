@@ -2313,26 +2313,45 @@ def run_cli(args: argparse.Namespace, mode: str) -> int:
     """Run ``bench throughput`` (``mode`` e2e/pipeline) or ``bench soak``.
 
     Prints the table on standard error and, with ``--json``, one object on
-    standard output.
+    standard output: the result itself for one profile, or ``{"mode",
+    "uplink", "runs": [result, ...]}`` for several (``--profile a,b`` or
+    ``all``, run one after another). ``--plot FILE`` draws them as PNG.
 
     Raises:
         ConfigError: bad flags, or a part that did not start (one line).
     """
     from tools.output import emit_json, say
 
-    spec = spec_from_args(args, mode)
-    where = "" if spec.profile is None else f"{spec.profile.name}, "
-    say(
-        f"bench {'soak' if mode == 'soak' else 'throughput'}: "
-        f"{'' if mode == 'soak' else mode + ', '}{where}{spec.uplink}, "
-        f"{spec.message_bytes} B messages, {spec.duration:g} s"
-        f"{'' if mode == 'soak' else ' per relay'}"
-    )
-    run = run_pipeline if mode == "pipeline" else run_e2e
-    result = asyncio.run(run(spec))
-    print_result(result)
+    names = args.profile if isinstance(args.profile, list) else [args.profile]
+    results: list[ThroughputResult] = []
+    for number, name in enumerate(names, 1):
+        spec = spec_from_args(
+            argparse.Namespace(**{**vars(args), "profile": name}), mode
+        )
+        where = "" if spec.profile is None else f"{spec.profile.name}, "
+        count = f" [{number}/{len(names)}]" if len(names) > 1 else ""
+        say(
+            f"bench {'soak' if mode == 'soak' else 'throughput'}{count}: "
+            f"{'' if mode == 'soak' else mode + ', '}{where}{spec.uplink}, "
+            f"{spec.message_bytes} B messages, {spec.duration:g} s"
+            f"{'' if mode == 'soak' else ' per relay'}"
+        )
+        run = run_pipeline if mode == "pipeline" else run_e2e
+        result = asyncio.run(run(spec))
+        print_result(result)
+        results.append(result)
+    objects = [result.to_json() for result in results]
+    plot = getattr(args, "plot", None)
+    if plot is not None:
+        from tools.bench.plot import write_throughput_chart
+
+        write_throughput_chart(objects, plot)
+        say(f"chart written to {plot}")
     if args.json:
-        emit_json(result.to_json())
+        if len(objects) == 1:
+            emit_json(objects[0])
+        else:
+            emit_json({"mode": mode, "uplink": args.uplink, "runs": objects})
     return 0
 
 
