@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from tools.bench.throughput import _Sent, _Tally, _Window
 
@@ -27,10 +28,10 @@ FIELDS = (
 )  # fmt: skip
 
 
-def run_bench(*args: str) -> tuple[dict[str, Any], str]:
+def run_bench(*args: str, timeout: float = 55) -> tuple[dict[str, Any], str]:
     out = subprocess.run(
         [str(SCRIPT), "bench", "throughput", "--json", *args],
-        capture_output=True, text=True, check=False, timeout=55,
+        capture_output=True, text=True, check=False, timeout=timeout,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout), out.stderr
@@ -54,29 +55,40 @@ def check_relay(figures: dict[str, Any]) -> None:
     assert 0 < latency["p50"] <= latency["p99"]
 
 
-def test_pipeline_reports_both_relays_and_loses_nothing() -> None:
-    result, stderr = run_bench(
-        "--mode", "pipeline", "--uplink", "ws", "--duration", "3", "--warmup", "1"
-    )
-    for key in FIELDS:
-        assert key in result, key
-    assert result["mode"] == "pipeline"
-    assert result["profile"] is None
-    assert result["ceiling_bytes_per_s"] == pytest.approx(162_666.7, abs=1)
-    assert isinstance(result["ceiling_multiple"], float)
-    check_relay(result)
-    naive = result["naive"]
-    assert isinstance(naive, dict)
-    check_relay(naive)
-    assert naive["settings"]["cloud.batch_items"] == 1
-    assert result["settings"]["cloud.batch_items"] == 64
-    assert result["outbox_sync"] == "NORMAL"
-    assert set(result["batched_over_naive"]) == {
-        "goodput",
-        "bytes_per_cpu_s",
-        "cpu_s_per_mb",
-    }
+@pytest.mark.timeout(150)
+def test_pipeline_reports_both_relays_per_profile_and_draws_them(
+    tmp_path: Path,
+) -> None:
+    chart = tmp_path / "chart.png"
+    combined, stderr = run_bench(
+        "--mode", "pipeline", "--uplink", "ws", "--profile", "android-2m,ble40",
+        "--duration", "2", "--warmup", "0.5", "--plot", str(chart), timeout=140,
+    )  # fmt: skip
+    assert (combined["mode"], combined["uplink"]) == ("pipeline", "ws")
+    assert [run["profile"] for run in combined["runs"]] == ["android-2m", "ble40"]
+    assert [run["fragment_size"] for run in combined["runs"]] == [244, 20]
+    for result in combined["runs"]:
+        for key in FIELDS:
+            assert key in result, key
+        assert result["mode"] == "pipeline"
+        assert result["ceiling_bytes_per_s"] == pytest.approx(162_666.7, abs=1)
+        assert isinstance(result["ceiling_multiple"], float)
+        check_relay(result)
+        naive = result["naive"]
+        assert isinstance(naive, dict)
+        check_relay(naive)
+        assert naive["settings"]["cloud.batch_items"] == 1
+        assert naive["settings"]["cloud.max_pending_puts"] == 1
+        assert result["settings"]["cloud.batch_items"] == 64
+        assert result["outbox_sync"] == "NORMAL"
+        assert set(result["batched_over_naive"]) == {
+            "goodput",
+            "bytes_per_cpu_s",
+            "cpu_s_per_mb",
+        }
     assert "goodput" in stderr  # the table for people goes to stderr
+    with Image.open(chart) as image:  # the chart of both profiles
+        assert (image.format, image.size) == ("PNG", (1200, 800))
 
 
 @pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
@@ -97,15 +109,22 @@ def test_e2e_through_processes_loses_nothing() -> None:
     assert result["bt_host_share"] is None or 0 <= result["bt_host_share"] <= 1
 
 
-def test_bad_arguments_are_one_line() -> None:
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--uplink", "ws", "--broker", "mqtt://127.0.0.1:1"], "--broker"),
+        (["--profile", "android-2m,nope"], "nope"),
+        (["--plot", "/nonexistent-dir/chart.png"], "--plot"),
+    ],
+)
+def test_bad_arguments_are_one_line(args: list[str], named: str) -> None:
     out = subprocess.run(
-        [str(SCRIPT), "bench", "throughput", "--uplink", "ws", "--broker",
-         "mqtt://127.0.0.1:1"],
+        [str(SCRIPT), "bench", "throughput", *args],
         capture_output=True, text=True, check=False, timeout=30,
     )  # fmt: skip
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0
-    assert "--broker" in out.stderr
+    assert out.stderr.strip().count("\n") == 0, out.stderr
+    assert named in out.stderr
 
 
 def test_tally_counts_loss_duplicates_and_reordering() -> None:
