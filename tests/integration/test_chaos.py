@@ -120,6 +120,10 @@ class Run:
             *where, *extra,
         )  # fmt: skip
 
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def acked(self) -> set[str]:
         return {
             str(e["id"])
@@ -195,13 +199,16 @@ async def chaos(tmp: Path, plan: Plan, *, forget: bool, uplink: str = "mqtt") ->
             ((i + 0.5) / plan.daemon_kills * 0.8, "kill")
             for i in range(plan.daemon_kills)
         ]
-        # The lossy control crashes the broker early, while most messages
-        # are still to come (a fast relay would otherwise be done by then).
-        crash_scale = 0.4 if forget else 0.9
-        events += [
-            ((i + 0.7) / plan.broker_crashes * crash_scale, "crash")
-            for i in range(plan.broker_crashes)
-        ]
+        if forget:
+            # The lossy control stalls the gateway from the start, so most
+            # messages pile up in the broker before it crashes
+            # (a fast relay would otherwise be done before any later point).
+            events.append((0.0, "crash"))
+        else:
+            events += [
+                ((i + 0.7) / plan.broker_crashes * 0.9, "crash")
+                for i in range(plan.broker_crashes)
+            ]
         for fraction, what in sorted(events):
             await wait_until(lambda f=fraction: len(run.acked()) >= f * n, plan.timeout,
                              f"{fraction:.0%} acked before {what}", run)  # fmt: skip
@@ -220,14 +227,22 @@ async def chaos(tmp: Path, plan: Plan, *, forget: bool, uplink: str = "mqtt") ->
             else:
                 # The gateway stalls, messages pile up in the broker, and the
                 # broker crashes with them: only end-to-end acks notice.
+                if forget:
+                    # Stalled once subscribed, before the daemon's backlog
+                    # flows: all but the broker's in-flight window piles up.
+                    await wait_until(
+                        lambda: "mqtt: connected" in run.log("gateway"), 60,
+                        "the gateway subscribed", run,
+                    )  # fmt: skip
                 os.kill(run.gateway.pid, signal.SIGSTOP)
                 before = len(run.acked())
+                more = n // 2 if forget else 50
                 with contextlib.suppress(AssertionError):
                     # Until the glasses have seen more messages stored (so the
                     # daemon has more to publish into the stalled broker).
                     await wait_until(
-                        lambda b=before: len(run.acked()) >= min(n, b + 50),
-                        10, "more messages during the stall", run,
+                        lambda b=before, m=more: len(run.acked()) >= min(n, b + m),
+                        30, "more messages during the stall", run,
                     )  # fmt: skip
                 await asyncio.sleep(1.0)
                 await broker.kill()
