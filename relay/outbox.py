@@ -225,7 +225,7 @@ class OutboxConfig:
     max_bytes: int = 64 * 1024 * 1024
     max_rows: int = 100_000
     max_age_s: float = 7 * 24 * 3600.0
-    commit_interval: float = 0.005
+    commit_interval: float = 0.002
     commit_max_batch: int = 256
     lazy_flush_interval: float = 0.1
     synchronous: Synchronous = Synchronous.NORMAL
