@@ -1065,8 +1065,10 @@ class EpochKeyCache:
     """Epoch keys a gateway has opened: each epoch costs one HPKE and one verify.
 
     Keyed by everything the epoch's preamble was checked against (the
-    device's verifying key, the context, the preamble bytes), so a hit needs
-    no check but the AEAD. Holds at most ``max_entries``; policy when full:
+    device's verifying key, the context, the preamble bytes, and the very
+    private key object that opened it: a gateway that replaces its key under
+    the same kid opens its epochs again), so a hit needs no check but the
+    AEAD. Holds at most ``max_entries``; policy when full:
     the least recently used key is dropped (its next envelope opens it again).
 
     Not thread-safe; one opener at a time.
@@ -1081,9 +1083,9 @@ class EpochKeyCache:
         if max_entries < 1:
             raise LocalProtocolError("max_entries must be >= 1")
         self._max = max_entries
-        self._keys: collections.OrderedDict[bytes, ChaCha20Poly1305] = (
-            collections.OrderedDict()
-        )
+        self._keys: collections.OrderedDict[
+            bytes, tuple[X25519PrivateKey, ChaCha20Poly1305]
+        ] = collections.OrderedDict()
         self.opened = 0
         """Epoch keys opened (cache misses that verified)."""
 
@@ -1107,14 +1109,16 @@ class EpochKeyCache:
         """
         preamble = data[HEADER_SIZE:_EPOCH_COUNTER_AT]
         slot = b"".join((device.verify, _U16.pack(len(context)), context, preamble))
-        aead = self._keys.get(slot)
-        if aead is None:
+        held = self._keys.get(slot)
+        if held is None or held[0] is not recipient:
             aead = self._open_epoch(data, context, recipient, device)
-            self._keys[slot] = aead
+            self._keys[slot] = (recipient, aead)
+            self._keys.move_to_end(slot)
             self.opened += 1
             if len(self._keys) > self._max:
                 self._keys.popitem(last=False)
         else:
+            aead = held[1]
             self._keys.move_to_end(slot)
         counter = data[_EPOCH_COUNTER_AT:_EPOCH_BODY_AT]
         try:

@@ -176,6 +176,7 @@ class CloudLink:
         self._sealer: UplinkSealer | None = None
         self._deleting: set[bytes] = set()  # acked; the outbox delete is queued
         self._room_blocked = False  # the pump waits for acks (max_in_flight)
+        self._rescan = False  # rows may be sendable again (a failed delete)
         self._wake = asyncio.Event()
         self._pending_puts = 0
         self._put_room = asyncio.Event()
@@ -417,7 +418,8 @@ class CloudLink:
                 drained_at = generation if complete else None
             rows = [r for r in rows if r.topic != UNSEALED]
             if not rows:
-                if await self._idle(generation):
+                if await self._idle(generation) or self._rescan:
+                    self._rescan = False
                     drained_at = None
                 continue
             batches: list[list[bytes]] = [[]]
@@ -434,28 +436,33 @@ class CloudLink:
                 batches[-1].append(row.envelope)
                 size += row.size
             payloads = [encode_batch(b) for b in batches]
+            # In flight before the send: the gateway's ack for the first
+            # payload may come back while the later ones are still going out.
+            attempts = self._attempts
+            tries = [max(r.attempts, attempts.get(r.msg_id, 0)) for r in rows]
+            for row, done in zip(rows, tries, strict=True):
+                self._in_flight[row.msg_id] = now + self._resend_delay(done + 1)
             try:
                 await uplink.send([("up", p) for p in payloads])
             except UplinkError as exc:
                 _LOGGER.info("uplink send failed (%s); will resend", exc)
+                for row in rows:
+                    self._in_flight.pop(row.msg_id, None)
                 drained_at = None
                 continue
             if self.observer is not None:
                 sent_at = time.monotonic()
                 for key, payload in zip(keys, payloads, strict=True):
                     self.observer.uplink_sent(key, len(payload), sent_at)
-            attempts = self._attempts
+            for row, done in zip(rows, tries, strict=True):
+                if done:
+                    self.stats.resent += 1
+                attempts[row.msg_id] = done + 1
             if len(attempts) > 8 * config.max_in_flight:
                 # Rows that left without an ack (expired, purged): forget them.
-                self._attempts = attempts = {
+                self._attempts = {
                     k: v for k, v in attempts.items() if k in self._in_flight
                 }
-            for row in rows:
-                tries = max(row.attempts, attempts.get(row.msg_id, 0))
-                if tries:
-                    self.stats.resent += 1
-                attempts[row.msg_id] = tries + 1
-                self._in_flight[row.msg_id] = now + self._resend_delay(tries + 1)
             self.stats.payloads += len(batches)
             self.stats.envelopes_sent += len(rows)
             if config.forget_on_puback:
@@ -579,7 +586,11 @@ class CloudLink:
         if not future.cancelled() and future.exception() is None:
             self.stats.acked += future.result()
         else:
+            # Still stored: the pump reads them again, sends them, and the
+            # gateway drops them as duplicates and acknowledges again.
             _log_failure(future)
+            self._rescan = True
+            self._wake.set()
 
     def _bad(self, reason: str) -> None:
         count = self.stats.bad_downlink.get(reason, 0) + 1

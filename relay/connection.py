@@ -159,6 +159,10 @@ class SessionDriver:
                     session.receive_fragment(data, now)
                     data = link.recv_nowait()
             except RemoteProtocolError as exc:
+                # What the burst delivered before the failure still counts
+                # (an ACK among it must reach the daemon).
+                for event in session.events_received():
+                    self._on_event(event)
                 self._fail(exc)
                 return
             self._after_input()

@@ -811,6 +811,7 @@ class Outbox:
         self._store = _Store(path, config)
         self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._held: list[_WriteRequest] = []  # lazy writes (worker thread only)
+        self._held_until = 0.0  # when the held writes must be written
         self._opened: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(
             target=self._serve, args=(clock(),), name=f"outbox:{path.name}", daemon=True
@@ -1304,13 +1305,14 @@ class Outbox:
             return
         self._post(self._complete, self._opened, None, store.state.rows)
         carried: _Request | None = None
-        flush = self._config.lazy_flush_interval
         while True:
             if carried is not None:
                 request = carried
             elif self._held:
                 try:
-                    request = self._requests.get(timeout=flush)
+                    request = self._requests.get(
+                        timeout=max(0.0, self._held_until - time.monotonic())
+                    )
                 except queue.Empty:
                     self._write(store, [], 0)  # held lazy writes waited enough
                     continue
@@ -1320,6 +1322,8 @@ class Outbox:
             if isinstance(request, _PutRequest | _IdsRequest):
                 carried = self._serve_writes(store, request)
             elif isinstance(request, _Job):
+                if self._held and time.monotonic() >= self._held_until:
+                    self._write(store, [], 0)  # due before this read
                 request.run(store)
             else:
                 if self._held:
@@ -1361,8 +1365,14 @@ class Outbox:
                 break
             batch.append(request)
         if all(isinstance(r, _IdsRequest) and r.lazy for r in batch):
-            self._held.extend(batch)  # written with the next transaction
-            return carried
+            # Held for the next transaction, at most lazy_flush_interval after
+            # the first of them and at most _MAX_WRITES of them.
+            if not self._held:
+                self._held_until = time.monotonic() + config.lazy_flush_interval
+            self._held.extend(batch)
+            if len(self._held) < _MAX_WRITES and time.monotonic() < self._held_until:
+                return carried
+            batch = []
         self._write(store, batch, count)
         return carried
 

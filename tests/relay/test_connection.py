@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import cast
 
 import pytest
 
 from protocol.bodies import Telemetry
 from protocol.constants import MessageFlags, MessageKind
-from protocol.errors import HandshakeError, LimitExceededError
+from protocol.errors import HandshakeError, LimitExceededError, MalformedError
 from protocol.message import Message
 from protocol.session import (
     Delivery,
@@ -134,3 +135,63 @@ async def test_handshake_with_unpinned_glasses_fails_both_ends() -> None:
         )
     assert isinstance(results[0], HandshakeError)
     assert isinstance(results[1], HandshakeError)
+
+
+class _BurstSession:
+    """Just enough of a session: records fragments, fails on b"bad"."""
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] = []
+        self.link_drops: dict[str, int] = {}
+        self.transport = None
+
+    def receive_fragment(self, data: bytes, now: float) -> None:
+        if data == b"bad":
+            raise MalformedError("a fragment that fails the session")
+        self.pending.append(data)
+
+    def events_received(self) -> list[bytes]:
+        out, self.pending = self.pending, []
+        return out
+
+    def get_timer(self) -> float | None:
+        return None
+
+    def pull_fragment(self, size: int) -> bytes | None:
+        return None
+
+    def close(self) -> None:
+        self.pending.clear()
+
+
+class _BurstLink:
+    """Delivers one burst: b"one" through recv, the rest already buffered."""
+
+    max_fragment_size = 244
+
+    def __init__(self) -> None:
+        self.buffered = [b"two", b"bad", b"never"]
+
+    async def recv(self) -> bytes:
+        return b"one"
+
+    def recv_nowait(self) -> bytes | None:
+        return self.buffered.pop(0) if self.buffered else None
+
+    async def write(self, fragment: bytes) -> None:
+        raise AssertionError("nothing to write")
+
+
+async def test_a_burst_that_fails_still_hands_out_what_came_before() -> None:
+    """Events of the fragments before the failing one reach the daemon (an ACK
+    among them must not be lost with the session)."""
+    seen: list[object] = []
+    link = _BurstLink()
+    driver = SessionDriver(
+        cast(Session, _BurstSession()), link, seen.append, name="burst"
+    )
+    async with asyncio.timeout(5):
+        with pytest.raises(MalformedError):
+            await driver.run()
+    assert seen == [b"one", b"two"]
+    assert link.buffered == [b"never"]  # nothing after the failure was read

@@ -592,3 +592,22 @@ async def test_cloud_link_seals_under_epoch_keys_unless_told_not_to(
     ]
     assert opened == [m.encode() for m in sent]
     assert cache.opened == (3 if epoch_messages else 0)
+
+
+async def test_lazy_writes_are_not_held_past_the_interval_by_reads(db: Path) -> None:
+    """Reads keep coming (a pump draining a backlog) and no put: the held
+    delete is still written within lazy_flush_interval, not held forever."""
+    config = OutboxConfig(commit_interval=0, lazy_flush_interval=0.05)
+    async with await Outbox.open(db, config) as ob:
+        await ob.put_many([item(1), item(2)])
+        lazy = ob.ack_soon([mid(1)], lazy=True)
+        async with asyncio.timeout(5):
+            while not lazy.done():
+                await ob.next_batch(10, 10**6)  # back to back, well under 50 ms
+        assert await lazy == 1
+    config = OutboxConfig(commit_interval=0, lazy_flush_interval=0)
+    async with await Outbox.open(db, config) as ob:
+        lazy = ob.ack_soon([mid(2)], lazy=True)
+        await ob.next_batch(10, 10**6)  # 0: written before the read
+        assert lazy.done()
+        assert await lazy == 1
