@@ -113,7 +113,8 @@ class CloudStats:
     payloads: int = 0
     envelopes_sent: int = 0
     resent: int = 0
-    acked: int = 0
+    acked: int = 0  # rows deleted after the gateway's signed ack
+    acks_received: int = 0  # ids in verified acks, counted on arrival
     downlink: int = 0
     bad_downlink: dict[str, int] = field(default_factory=dict)
 
@@ -572,6 +573,7 @@ class CloudLink:
                 # gets its own after outbox.lazy_flush_interval); until then
                 # the pump skips these rows.
                 ids = tuple(acked)
+                self.stats.acks_received += len(ids)
                 self._deleting.update(ids)
                 self.outbox.ack_soon(ids, lazy=True).add_done_callback(
                     functools.partial(self._acked_rows, ids)

@@ -2095,7 +2095,9 @@ async def _pipeline_relay(
     holder.append(daemon)
     ledger = _LedgerTail(cloud.ledger)
     sampler = Sampler()
-    injector = _Injector(peer, lambda: daemon.cloud.stats.acked, spec.message_bytes)
+    injector = _Injector(
+        peer, lambda: daemon.cloud.stats.acks_received, spec.message_bytes
+    )
     task = asyncio.create_task(daemon.run(), name=f"bench daemon {relay}")
     injecting: asyncio.Task[None] | None = None
     try:
@@ -2113,14 +2115,14 @@ async def _pipeline_relay(
         # Small batches, each handed over whole (sealed fragments are numbered).
         sent = 0
         chunk = max(4, min(64, (128 << 10) // spec.message_bytes))
-        base = daemon.cloud.stats.acked
+        base = daemon.cloud.stats.acks_received
         started = time.perf_counter()
         async with asyncio.timeout(60):
             while time.perf_counter() - started < _CALIBRATION_S:
                 injector.load(_messages(chunk, sent, spec.message_bytes))
                 sent += chunk
                 await injector.run()
-        delivered = daemon.cloud.stats.acked - base
+        delivered = daemon.cloud.stats.acks_received - base
         rate = max(20.0, delivered / (time.perf_counter() - started))
         # Half a second of backlog at most: enough to keep the pump's batches
         # full, short of the resend timer (cloud.resend_after).
@@ -2235,14 +2237,14 @@ async def _pipeline_sleep(
     injecting: asyncio.Task[None] | None = None,
 ) -> None:
     start = time.monotonic()
-    acked = daemon.cloud.stats.acked
+    acked = daemon.cloud.stats.acks_received
     while (elapsed := time.monotonic() - start) < seconds:
         await asyncio.sleep(min(1.0, seconds - elapsed))
         if injecting is not None and injecting.done():
             injecting.result()
             return
         if spec.progress:
-            done = (daemon.cloud.stats.acked - acked) * spec.message_bytes
+            done = (daemon.cloud.stats.acks_received - acked) * spec.message_bytes
             now = time.monotonic() - start
             _progress(now, seconds, done / now, label)
 
