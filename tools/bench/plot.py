@@ -114,7 +114,9 @@ def _panel(
                 y = ceiling_y - 2  # the label clears the ceiling tick
             xy = ((bx0 + bx1) / 2, y - 4)
             draw.text(xy, text, fill=_INK, font=small, anchor="ms")
-        draw.text((mid, _BASE + 10), label, fill=_INK, font=font, anchor="mt")
+        # Alternate rows when the names would run into each other.
+        row = 18 * (i % 2) if len(groups) > 4 else 0
+        draw.text((mid, _BASE + 10 + row), label, fill=_INK, font=font, anchor="mt")
     draw.line((left, _BASE, left + width, _BASE), fill=_INK)
 
 
