@@ -211,17 +211,19 @@ class LinkManager:
         self._on_event(event)
 
     def _after_handshake(self) -> None:
-        driver = self.driver
-        if driver is None:
+        if self.driver is None:
             return
-        driver.send(
-            Message(
-                MessageKind.MODE,
-                os.urandom(16),
-                self.mode.encode(),
-                MessageFlags.RELIABLE,
-            )
+        # Through send(), which respects the unacknowledged window: after a
+        # reconnect it may be full of resumed messages, and raising here
+        # would end every new session at once (a reconnect loop).
+        mode = Message(
+            MessageKind.MODE, os.urandom(16), self.mode.encode(), MessageFlags.RELIABLE
         )
+        if not self.send(mode):
+            _LOGGER.warning(
+                "glasses' unacknowledged window is full: mode not re-applied "
+                "on this connection"
+            )
         self._clock_sync()
 
     def _clock_sync(self) -> None:
