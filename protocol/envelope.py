@@ -1048,15 +1048,14 @@ class UplinkSealer:
     def _start(self, topic: str, now: float) -> _Epoch:
         context = _context(self._header, _binding(self._device_id, topic))
         key = os.urandom(KEY_SIZE)
-        try:
-            blob = _hpke_suite().encrypt(key, self._gateway._encryption, info=context)
-        except (ImportError, UnsupportedAlgorithm) as exc:
-            raise SuiteUnavailableError(
-                "HPKE is unavailable on this build; seal with NOISE_K or fail closed",
-                suite=EnvelopeSuite.HPKE,
-            ) from exc
-        signed = self._header + blob
-        prefix = signed + self._device._signing.sign(context + signed)
+        # The preamble is an HPKE envelope (§3 layout) of the key, kind 0x13.
+        prefix = _seal_hpke(
+            key,
+            self._header,
+            context,
+            self._gateway._encryption,
+            self._device._signing,
+        )
         self.epochs_started += 1
         return _Epoch(prefix, context, ChaCha20Poly1305(key), now)
 
@@ -1137,22 +1136,8 @@ class EpochKeyCache:
         recipient: X25519PrivateKey,
         device: DevicePublicKeys,
     ) -> ChaCha20Poly1305:
-        signed = data[:_EPOCH_SIGNED_END]
-        try:
-            device._verify.verify(
-                data[_EPOCH_SIGNED_END:_EPOCH_COUNTER_AT], context + signed
-            )
-        except InvalidSignature:
-            raise AuthenticationError("epoch signature did not verify") from None
-        try:
-            key = _hpke_suite().decrypt(signed[HEADER_SIZE:], recipient, info=context)
-        except (InvalidTag, ValueError):
-            raise AuthenticationError("epoch key did not verify") from None
-        except (ImportError, UnsupportedAlgorithm) as exc:
-            raise SuiteUnavailableError(
-                "HPKE envelope accepted but HPKE is unavailable on this build",
-                suite=EnvelopeSuite.HPKE,
-            ) from exc
+        # The preamble opens like an HPKE envelope: signature, then the key.
+        key = _open_hpke(data[:_EPOCH_COUNTER_AT], context, recipient, device._verify)
         if len(key) != KEY_SIZE:
             raise AuthenticationError("epoch key has the wrong size")
         return ChaCha20Poly1305(key)

@@ -414,7 +414,7 @@ class CloudLink:
                 rows, complete = await self.outbox.next_rows(
                     want,
                     config.batch_bytes * config.batches_per_send,
-                    exclude=self._deleting.union(self._in_flight),
+                    exclude=frozenset(self._in_flight).union(self._deleting),
                 )
                 drained_at = generation if complete else None
             rows = [r for r in rows if r.topic != UNSEALED]

@@ -791,7 +791,7 @@ def test_epoch_preamble_resigned_by_another_device_is_rejected(world: World) -> 
         )
         + env[HEADER_SIZE + 144 :]
     )
-    with pytest.raises(AuthenticationError, match="epoch key"):
+    with pytest.raises(AuthenticationError, match="ciphertext"):
         world.open_up(resigned, device_id=other_id, device=world.other.public())
 
 
