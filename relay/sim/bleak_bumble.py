@@ -56,7 +56,7 @@ from bumble.snoop import BtSnooper
 from bumble.transport import open_transport
 from bumble.transport.common import AsyncPipeSink
 
-from relay.sim.controller_fixes import FastHost, FixedController
+from relay.sim.controller_fixes import FastHost, FixedController, open_h4_tcp_client
 from relay.sim.shaped_link import DEFAULT_MAX_PENDING_ACL_PACKETS, AclCreditGate
 
 if TYPE_CHECKING:
@@ -230,6 +230,8 @@ class BumbleAdapter:
         device.l2cap_channel_manager.register_fixed_channel(
             att.ATT_CID, self._on_att_pdu
         )
+        if isinstance(device.host, FastHost):  # and skip its ACL decoding too
+            device.host.att_sink = self._notify
 
     @classmethod
     def on_link(
@@ -296,7 +298,12 @@ class BumbleAdapter:
             OSError: the transport cannot be opened.
             BleakError: the controller did not initialize.
         """
-        transport = await open_transport(transport_spec)
+        scheme, _, where = transport_spec.partition(":")
+        if scheme == "tcp-client":  # bumble's, with a faster H4 framer
+            host_name, _, port = where.rpartition(":")
+            transport = await open_h4_tcp_client(host_name, int(port))
+        else:
+            transport = await open_transport(transport_spec)
         host = FastHost(transport.source, transport.sink)
         device = Device(name=name, address=hci.Address(address), host=host)
         adapter = cls(
@@ -429,7 +436,8 @@ class BumbleAdapter:
         else:
             self._notification_sinks[key] = sink
 
-    def _on_att_pdu(self, connection_handle: int, pdu: bytes) -> None:
+    def _notify(self, connection_handle: int, pdu: bytes) -> bool:
+        """Hand a notification to its subscribed callback; ``False`` if none."""
         if (
             len(pdu) >= _ATT_PDU_HEADER.size
             and pdu[0] == _ATT_HANDLE_VALUE_NOTIFICATION
@@ -438,8 +446,12 @@ class BumbleAdapter:
             sink = self._notification_sinks.get((connection_handle, attribute_handle))
             if sink is not None:
                 sink(pdu[_ATT_PDU_HEADER.size :])
-                return
-        self.device.on_gatt_pdu(connection_handle, pdu)
+                return True
+        return False
+
+    def _on_att_pdu(self, connection_handle: int, pdu: bytes) -> None:
+        if not self._notify(connection_handle, pdu):
+            self.device.on_gatt_pdu(connection_handle, pdu)
 
     def _on_advertisement(self, advertisement: bumble_device.Advertisement) -> None:
         key = advertisement.address.to_string(with_type_qualifier=False)

@@ -24,9 +24,9 @@ import asyncio
 import collections
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
-from typing import Any, Final, Generic, Self, TypeVar
+from typing import Final, Generic, Self, TypeVar
 
 from relay.errors import UplinkConfigError, UplinkError
 from relay.uplink.base import (
@@ -88,26 +88,6 @@ class _Inbox:
         return self._items.popleft()
 
 
-async def _unless_lost(work: Coroutine[Any, Any, None], lost: asyncio.Event) -> None:
-    """Await ``work``; cancel it and raise if ``lost`` is set first.
-
-    Raises:
-        UplinkUnavailableError: ``lost`` was set before ``work`` finished.
-    """
-    task = asyncio.create_task(work)
-    watch = asyncio.create_task(lost.wait())
-    try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        task.cancel()
-        watch.cancel()
-        # Both end promptly once cancelled; wait so that neither outlives the call.
-        await asyncio.wait((task, watch))
-    if task.cancelled():
-        raise UplinkUnavailableError("connection lost before the transport accepted")
-    task.result()
-
-
 class ReconnectingUplink(abc.ABC, Generic[ConnT]):
     """Base of the uplinks: state, counters, backoff loop and incoming queue.
 
@@ -139,7 +119,8 @@ class ReconnectingUplink(abc.ABC, Generic[ConnT]):
         self._rng = random.Random()  # jitter only; not security-relevant
         self._state = UplinkState.DOWN
         self._conn: ConnT | None = None
-        self._lost: asyncio.Event | None = None
+        self._sends: set[asyncio.Timeout] | None = None
+        """Timeouts of the sends on the current connection (None: not connected)."""
         self._settled = asyncio.Event()  # set while connected, closed or failed
         self._inbox = _Inbox(max_incoming, self._terminal_error)
         self._runner: asyncio.Task[None] | None = None
@@ -308,17 +289,28 @@ class ReconnectingUplink(abc.ABC, Generic[ConnT]):
         self._raise_if_terminal()
         if not self._started:
             raise RuntimeError(f"{self._kind} uplink not started; call start() first")
-        conn, lost = self._conn, self._lost
-        if conn is None or lost is None:
+        conn, sends = self._conn, self._sends
+        if conn is None or sends is None:
             raise UplinkUnavailableError(
                 f"{self._kind} uplink to {self._label} is {self._state}"
             )
         count = len(payloads)
         self._in_flight += count
         try:
-            async with asyncio.timeout(self._send_timeout_s):
-                await _unless_lost(self._transmit(conn, payloads), lost)
+            # The send runs in the caller's task; losing the connection expires
+            # its timeout at once (see _disconnected), which cancels it.
+            async with asyncio.timeout(self._send_timeout_s) as timeout:
+                sends.add(timeout)
+                try:
+                    await self._transmit(conn, payloads)
+                finally:
+                    sends.discard(timeout)
         except TimeoutError as exc:
+            if self._sends is not sends:
+                raise UplinkUnavailableError(
+                    f"{self._kind} uplink to {self._label}: connection lost before "
+                    "the transport accepted"
+                ) from exc
             raise UplinkUnavailableError(
                 f"{self._kind} uplink to {self._label}: {count} payload(s) not "
                 f"accepted within {self._send_timeout_s} s"
@@ -360,16 +352,19 @@ class ReconnectingUplink(abc.ABC, Generic[ConnT]):
 
     def _connected(self, conn: ConnT) -> None:
         self._conn = conn
-        self._lost = asyncio.Event()
+        self._sends = set()
         self._connects += 1
         self._set_state(UplinkState.CONNECTED)
         logger.info("%s uplink connected to %s", self._kind, self._label)
 
     def _disconnected(self) -> None:
-        if self._lost is not None:
-            self._lost.set()
+        sends = self._sends
         self._conn = None
-        self._lost = None
+        self._sends = None
+        if sends:
+            now = asyncio.get_running_loop().time()
+            for timeout in sends:
+                timeout.reschedule(now)  # the send ends with UplinkUnavailableError
         self._set_state(UplinkState.DOWN)
 
     def _fail(self, exc: UplinkConfigError) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import aiomqtt
@@ -27,6 +27,7 @@ from relay.uplink import (
     parse_broker_url,
     parse_gateway_url,
 )
+from relay.uplink.reconnect import ReconnectingUplink
 
 WAIT_S = 10.0
 FAST = Backoff(initial_s=0.05, cap_s=0.5)
@@ -565,3 +566,57 @@ async def test_mqtt_silent_broker_attempts_do_not_leak_sockets() -> None:
         for writer in list(peers):
             writer.transport.abort()
         await server.wait_closed()
+
+
+class _StallingUplink(ReconnectingUplink[asyncio.Event]):
+    """The base class over a transport that never accepts (to test send's bounds)."""
+
+    def __init__(self, send_timeout_s: float) -> None:
+        super().__init__(
+            kind="stall",
+            endpoint=parse_gateway_url("ws://127.0.0.1:9"),
+            backoff=FAST,
+            max_incoming=8,
+            max_payload=1024,
+            send_timeout_s=send_timeout_s,
+        )
+        self.drop = asyncio.Event()
+        self.transmitting = asyncio.Event()
+
+    async def _connect_and_serve(
+        self, connected: Callable[[asyncio.Event], None]
+    ) -> None:
+        self.drop.clear()
+        connected(self.drop)
+        await self.drop.wait()
+        raise UplinkUnavailableError("dropped")
+
+    async def _transmit(
+        self, conn: asyncio.Event, payloads: Sequence[tuple[str, bytes]]
+    ) -> None:
+        self.transmitting.set()
+        await asyncio.Event().wait()  # the transport never accepts
+
+
+async def test_send_ends_when_the_connection_is_lost_or_too_slow() -> None:
+    uplink = _StallingUplink(send_timeout_s=30.0)
+    await uplink.start()
+    try:
+        await asyncio.wait_for(uplink.wait_connected(), WAIT_S)
+        send = asyncio.create_task(uplink.send([("up", b"x")]))
+        await asyncio.wait_for(uplink.transmitting.wait(), WAIT_S)
+        uplink.drop.set()  # the connection goes while the send waits
+        with pytest.raises(UplinkUnavailableError, match="connection lost"):
+            await asyncio.wait_for(send, WAIT_S)
+        assert uplink.stats().in_flight == 0
+    finally:
+        await uplink.aclose()
+    slow = _StallingUplink(send_timeout_s=0.05)
+    await slow.start()
+    try:
+        await asyncio.wait_for(slow.wait_connected(), WAIT_S)
+        with pytest.raises(UplinkUnavailableError, match="not accepted within"):
+            await slow.send([("up", b"x")])
+        assert slow.state is UplinkState.CONNECTED  # slow is not lost
+    finally:
+        await slow.aclose()
