@@ -344,9 +344,11 @@ class CloudLink:
         # Not a TaskGroup: the uplink's errors (a permanent one stops the
         # daemon) must reach the caller as they are, not in an ExceptionGroup.
         expiring = asyncio.create_task(self._expire_loop(), name="outbox expiry")
+        unlisten = self.outbox.on_stored(self._wake.set)
         try:
             await self._run_uplink()
         finally:
+            unlisten()
             expiring.cancel()
             # gather, not suppress(CancelledError): a cancellation of this
             # task arriving now must not be swallowed.
@@ -509,18 +511,12 @@ class CloudLink:
             return True
         next_due = min(self._in_flight.values(), default=now + 1.0)
         self._wake.clear()
-        stored = asyncio.ensure_future(self.outbox.wait_stored(generation))
-        woken = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait(
-                {stored, woken},
-                timeout=max(0.01, min(1.0, next_due - now)),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            for task in (stored, woken):
-                task.cancel()
-            await asyncio.gather(stored, woken, return_exceptions=True)
+        if self.outbox.generation > generation:
+            return False  # stored since the caller read it
+        # Rows newly stored set _wake too (Outbox.on_stored, from run()).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.01, min(1.0, next_due - now))):
+                await self._wake.wait()
         return False
 
     async def _downlink(self) -> None:

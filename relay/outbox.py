@@ -821,6 +821,7 @@ class Outbox:
         self._nonempty = asyncio.Event()
         self._stored_event = asyncio.Event()
         self._generation = 0
+        self._stored_listeners: list[Callable[[], None]] = []
         self._debug = logger.isEnabledFor(logging.DEBUG)
 
     @classmethod
@@ -1188,6 +1189,18 @@ class Outbox:
             await self._stored_event.wait()
         return self._generation
 
+    def on_stored(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` on the loop when rows are newly stored, and at close.
+
+        The cheap form of :meth:`wait_stored` for a loop that has other things
+        to wake it too: it can wait on one event of its own, set by ``listener``.
+
+        Returns:
+            A function that removes the listener.
+        """
+        self._stored_listeners.append(listener)
+        return lambda: self._stored_listeners.remove(listener)
+
     async def close(self) -> None:
         """Finish queued requests, close the database and stop the worker thread.
 
@@ -1202,6 +1215,8 @@ class Outbox:
         self._requests.put(_Stop(done))
         self._nonempty.set()
         self._stored_event.set()
+        for listener in list(self._stored_listeners):
+            listener()
         try:
             await asyncio.shield(done)
         finally:
@@ -1232,6 +1247,8 @@ class Outbox:
             self._generation += stored
             event, self._stored_event = self._stored_event, asyncio.Event()
             event.set()
+            for listener in self._stored_listeners:
+                listener()
 
     def _queue_puts(
         self, items: Sequence[OutboxItem]

@@ -346,6 +346,25 @@ async def test_group_commit_shares_transactions(db: Path) -> None:
         assert final.put_transactions - after.put_transactions == 4  # 64+64+64+8
 
 
+async def test_on_stored_calls_listeners_for_new_rows_and_at_close(
+    outbox: Outbox,
+) -> None:
+    calls: list[int] = []
+    unlisten = outbox.on_stored(lambda: calls.append(outbox.generation))
+    other: list[int] = []
+    outbox.on_stored(lambda: other.append(1))
+    await outbox.put(item(1))
+    assert calls == [1]  # after the generation moved
+    await outbox.put(item(1))  # a duplicate stores nothing
+    assert calls == [1]
+    unlisten()
+    await outbox.put(item(2))
+    assert calls == [1]
+    assert other == [1, 1]
+    await outbox.close()
+    assert other == [1, 1, 1]
+
+
 async def test_wait_nonempty_and_wait_stored(outbox: Outbox) -> None:
     waiter = asyncio.ensure_future(outbox.wait_nonempty())
     gen = outbox.generation
