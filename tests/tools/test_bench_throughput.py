@@ -62,7 +62,7 @@ def test_pipeline_reports_both_relays_per_profile_and_draws_them(
     chart = tmp_path / "chart.png"
     combined, stderr = run_bench(
         "--mode", "pipeline", "--uplink", "ws", "--profile", "android-2m,ble40",
-        "--duration", "2", "--warmup", "0.5", "--plot", str(chart), timeout=140,
+        "--duration", "1", "--warmup", "0.3", "--plot", str(chart), timeout=140,
     )  # fmt: skip
     assert (combined["mode"], combined["uplink"]) == ("pipeline", "ws")
     assert [run["profile"] for run in combined["runs"]] == ["android-2m", "ble40"]
