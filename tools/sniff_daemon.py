@@ -2,8 +2,8 @@
 
 The daemon must keep a rolling capture (``glasses-relay run --capture-ring
 MINUTES``, relay/capture_ring.py). ``sniff`` finds it as ``glasses-relay
-status`` does (the 0600 Unix socket in the state directory, or ``--port``
-for a daemon started with ``--status-port``) and, every
+status`` does (``--port``, else the configuration's ``status.port``, else
+the 0600 Unix socket in the state directory) and, every
 :data:`~tools.sniff.FLUSH_INTERVAL_S`, asks for the link events after the
 last one it has (``GET /capture/events?since=N``), bounded per answer by the
 daemon. They become pcapng with the same synthesized connection, MTU

@@ -1,7 +1,9 @@
 """``glasses-relay status``: ask the running daemon how it is.
 
-Finds the daemon through the state directory (its 0600 Unix socket) with no
-other flags, and shows the link, the uplink, the outbox and the recent
+Finds the daemon where ``run`` puts its status API: ``status.port`` of the
+configuration (``--config``, ``$GLASSES_RELAY_CONFIG`` or the default file, and
+``GLASSES_RELAY_STATUS_PORT``) or ``--port``, else the 0600 Unix socket in the
+state directory; and shows the link, the uplink, the outbox and the recent
 requests with their hop times; ``--json`` prints the daemon's /status
 document. With no daemon reachable: one line, exit status 1.
 """
@@ -11,7 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+from pathlib import Path
 
 import aiohttp
 
@@ -19,7 +23,7 @@ from relay.state import resolve_state_dir
 from relay.status import socket_path
 from tools.output import emit_json, say
 
-__all__ = ["daemon_endpoint", "register"]
+__all__ = ["configured_port", "daemon_endpoint", "register"]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,18 +38,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--port", type=int, help="a daemon started with --status-port PORT"
     )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the daemon's TOML configuration, for its status.port (default: as run)",
+    )
     parser.set_defaults(handler=_run)
 
 
 def daemon_endpoint(
-    state_flag: str | None, port: int | None
+    state_flag: str | None, port: int | None, config_path: Path | None = None
 ) -> tuple[aiohttp.BaseConnector, str] | None:
     """A connector to the daemon's status API and its base URL.
 
-    The daemon's 0600 Unix socket in the state directory, or 127.0.0.1:PORT
-    for a daemon started with ``--status-port``; None when there is no
-    socket. Call it in a running event loop.
+    127.0.0.1:PORT for ``port``, else for the configuration's ``status.port``
+    (read as ``run`` reads it), else the daemon's 0600 Unix socket in the
+    state directory; None when there is no socket. Call it in a running
+    event loop.
+
+    Raises:
+        ConfigError: the configuration cannot be read (one line).
     """
+    port = configured_port(port, config_path)
     if port is not None:
         return aiohttp.TCPConnector(), f"http://127.0.0.1:{port}"
     path = socket_path(resolve_state_dir(state_flag))
@@ -54,8 +69,21 @@ def daemon_endpoint(
     return aiohttp.UnixConnector(path=str(path)), "http://daemon"
 
 
+def configured_port(port: int | None, config_path: Path | None) -> int | None:
+    """``port`` if given, else ``status.port`` of the configuration ``run`` would read.
+
+    Raises:
+        ConfigError: the configuration cannot be read (one line).
+    """
+    if port is not None:
+        return port
+    from relay.config import load_config
+
+    return load_config({}, os.environ, config_path).status.port
+
+
 async def _fetch(args: argparse.Namespace) -> dict[str, object] | None:
-    endpoint = daemon_endpoint(args.state_dir, args.port)
+    endpoint = daemon_endpoint(args.state_dir, args.port, args.config)
     if endpoint is None:
         return None
     connector, base = endpoint
@@ -135,6 +163,7 @@ def _render(doc: dict[str, object]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    args.port = configured_port(args.port, args.config)
     doc = asyncio.run(_fetch(args))
     if doc is None:
         where = f"127.0.0.1:{args.port}" if args.port else "this state directory"

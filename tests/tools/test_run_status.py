@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -81,3 +82,42 @@ def test_run_sim_status_metrics_and_sigterm(tmp_path: Path) -> None:
     assert code == 0
     assert time.monotonic() - started < 5
     assert not (state / "phone" / "status.sock").exists()
+
+
+def test_status_finds_a_daemon_on_the_port_its_configuration_names(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as probe:  # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "relay.toml"
+    config.write_text(f"[status]\nport = {port}\n")
+    state = tmp_path / "state"
+    daemon = subprocess.Popen(
+        [str(SCRIPT), "--state-dir", str(state), "run", "--sim",
+         "--config", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 40
+        while True:
+            out = status(state, "--config", str(config), "--json")
+            if out.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["pid"] == daemon.pid
+        assert not (state / "phone" / "status.sock").exists()  # a port, not the socket
+        without = status(state, "--json")  # no configuration: the socket, absent
+        assert without.returncode == 1
+        assert "this state directory" in without.stderr
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=10)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[status]\nport = 70000\n")
+    out = status(state, "--config", str(broken))
+    assert out.returncode != 0
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert "status.port" in out.stderr
+    assert "Traceback" not in out.stderr
