@@ -7,8 +7,11 @@ each delay jittered by ±10 %. :meth:`DownlinkTracker.kick` makes a device's
 pieces due at once (its presence says online, or it spoke after a silence).
 :class:`DownlinkTracker` is sans-I/O: the caller passes ``now`` (monotonic
 seconds) and sends what :meth:`DownlinkTracker.take_due` returns. Limits:
-``max_per_device`` pieces per device (beyond, the oldest is dropped and
-counted); a piece older than ``ttl_s`` is dropped and counted.
+``max_per_device`` pieces per device in memory (beyond, the oldest leaves the
+tracker, counted, and the device is marked in :attr:`DownlinkTracker.evicted`:
+its pieces are still saved, and :class:`Answers` loads them again from the
+store once the device has acknowledged its way back to half the limit); a
+piece older than ``ttl_s`` is dropped and counted.
 
 :class:`Answers` drives it, and makes answers durable (:mod:`tools.cloud.store`,
 "answers owed"). The store keeps each completed request as an answer owed in
@@ -135,10 +138,16 @@ class DownlinkTracker:
         self._order = itertools.count()
         self.dropped_overflow = 0
         self.dropped_expired = 0
+        self.evicted: set[str] = set()
+        """Devices whose pieces went over ``max_per_device`` since last reloaded."""
 
     def __len__(self) -> int:
         """Pieces pending, all devices together."""
         return sum(len(pieces) for pieces in self._pending.values())
+
+    def count(self, pseudonym: str) -> int:
+        """How many pieces are pending for ``pseudonym``."""
+        return len(self._pending.get(pseudonym, ()))
 
     def pending(self, pseudonym: str) -> list[bytes]:
         """The message ids pending for ``pseudonym``, oldest first."""
@@ -156,6 +165,7 @@ class DownlinkTracker:
         while len(pieces) >= self._max:
             pieces.popitem(last=False)
             self.dropped_overflow += 1
+            self.evicted.add(pseudonym)
         entry = _Pending(envelope, now, now + self._delay(0), 0)
         pieces[message_id] = entry
         self._push(entry.due, pseudonym, message_id)
@@ -355,7 +365,19 @@ class Answers:
 
     def acked(self, pseudonym: str, ids: Iterable[bytes]) -> None:
         """The phone acknowledged these pieces (to this gateway): stop resending."""
-        self._stats.downlink_acked += self.tracker.acked(pseudonym, ids)
+        tracker = self.tracker
+        self._stats.downlink_acked += tracker.acked(pseudonym, ids)
+        self._reload_evicted(pseudonym)
+
+    def _reload_evicted(self, pseudonym: str) -> None:
+        """Load pieces the tracker let go (over its limit) again, once it has room."""
+        tracker = self.tracker
+        if (
+            pseudonym in tracker.evicted
+            and tracker.count(pseudonym) <= self._config.max_pending_downlink // 2
+        ):
+            tracker.evicted.discard(pseudonym)
+            self._resume_owed(pseudonym, steal=False)
 
     def device_back(self, pseudonym: str, *, steal: bool) -> None:
         """The device is reachable again: resend now, and resume answers owed.
@@ -367,6 +389,11 @@ class Answers:
         """
         if self.tracker.kick(pseudonym, self._clock()):
             self._resend_wake.set()
+        self.tracker.evicted.discard(pseudonym)  # the resume loads them all
+        self._resume_owed(pseudonym, steal=steal)
+
+    def _resume_owed(self, pseudonym: str, *, steal: bool) -> None:
+        """Load the device's answers owed from the store and go on with them."""
         if pseudonym in self._resuming:  # one task per device: run it again
             again = self._resume_again.get(pseudonym, False)
             self._resume_again[pseudonym] = steal or again
@@ -689,6 +716,8 @@ class Answers:
             async with asyncio.TaskGroup() as group:
                 for pseudonym, pieces in batches.items():
                     group.create_task(self._resend(pseudonym, pieces))
+            for pseudonym in list(tracker.evicted):  # e.g. pieces expired meanwhile
+                self._reload_evicted(pseudonym)
 
     async def _resend(self, pseudonym: str, pieces: list[tuple[bytes, bytes]]) -> None:
         device = self._registry.get(pseudonym)

@@ -24,8 +24,9 @@ class GatewayStats:
         pieces_sent: Answer pieces sent (first transmissions).
         resends: Answer pieces sent again.
         downlink_acked: Answer pieces the phone acknowledged.
-        downlink_dropped: Answer pieces given up unacknowledged (per-device
-            limit or age).
+        downlink_dropped: Answer pieces that left the resend timer
+            unacknowledged: over the per-device limit (still saved, loaded
+            again from the store when there is room) or past their age.
         presence_updates: Presence changes applied.
         assistant_errors: Answers the assistant failed to give.
         drops: Uplink items dropped, by reason.
