@@ -34,6 +34,6 @@ def test_acked_pieces_leave_and_are_not_resent() -> None:
     for n in range(3):
         t.track("dev", mid(n), b"env%d" % n, now=0.0)
     assert t.acked("dev", [mid(0), mid(7)]) == 1
-    due = t.take_due(10.0)
-    assert [m for m, _ in due["dev"]] == [mid(1), mid(2)]
+    due = t.take_due(10.0)  # due times are jittered: compare as a set
+    assert {m for m, _ in due["dev"]} == {mid(1), mid(2)}
     assert t.count("dev") == 2
