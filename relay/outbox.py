@@ -819,7 +819,6 @@ class Outbox:
         self._closing = False
         self._closed = False
         self._nonempty = asyncio.Event()
-        self._stored_event = asyncio.Event()
         self._generation = 0
         self._stored_listeners: list[Callable[[], None]] = []
         self._debug = logger.isEnabledFor(logging.DEBUG)
@@ -1186,7 +1185,12 @@ class Outbox:
         """
         while self._generation <= after:
             self._check_open()
-            await self._stored_event.wait()
+            stored = asyncio.Event()
+            unlisten = self.on_stored(stored.set)
+            try:
+                await stored.wait()
+            finally:
+                unlisten()
         return self._generation
 
     def on_stored(self, listener: Callable[[], None]) -> Callable[[], None]:
@@ -1214,8 +1218,7 @@ class Outbox:
         done: asyncio.Future[None] = self._loop.create_future()
         self._requests.put(_Stop(done))
         self._nonempty.set()
-        self._stored_event.set()
-        for listener in list(self._stored_listeners):
+        for listener in tuple(self._stored_listeners):
             listener()
         try:
             await asyncio.shield(done)
@@ -1245,9 +1248,7 @@ class Outbox:
             self._nonempty.clear()
         if stored:
             self._generation += stored
-            event, self._stored_event = self._stored_event, asyncio.Event()
-            event.set()
-            for listener in self._stored_listeners:
+            for listener in tuple(self._stored_listeners):
                 listener()
 
     def _queue_puts(
