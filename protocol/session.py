@@ -351,6 +351,11 @@ class Session:
         return self._link_in.expected_seq
 
     @property
+    def has_output(self) -> bool:
+        """Whether :meth:`pull_fragment` has something to return now."""
+        return bool(self._acks) or self._link_out.pending_bytes > 0
+
+    @property
     def queued_bytes(self) -> int:
         """Record bytes waiting for :meth:`pull_fragment`."""
         return self._link_out.pending_bytes

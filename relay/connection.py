@@ -96,9 +96,11 @@ class SessionDriver:
         self._after_input()
 
     def _after_input(self) -> None:
-        for event in self.session.events_received():
+        session = self.session
+        for event in session.events_received():
             self._on_event(event)
-        self._kick.set()
+        if session.has_output:
+            self._kick.set()  # else the writer would wake to find nothing
         self._rearm()
         now = self._loop.time()
         if now >= self._next_drop_log:
@@ -119,8 +121,13 @@ class SessionDriver:
         self._logged_drops = counts
 
     def _rearm(self) -> None:
+        # Lazily: a timer due no later than the session's next time stays (it
+        # fires early, handle_timer finds nothing due, and it is set again),
+        # so the supervision and reassembly times that move with every burst
+        # do not cancel and reschedule a handle each time.
         when = self.session.get_timer()
-        if when == self._timer_at:
+        at = self._timer_at
+        if when is not None and at is not None and at <= when:
             return
         if self._timer is not None:
             self._timer.cancel()

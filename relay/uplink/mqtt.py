@@ -26,6 +26,14 @@ aiomqtt settings (PERFORMANCE.md §3.1, SECURITY.md):
     publish at our window. Incoming: aiomqtt's queue is unbounded but drained at
     once into the uplink's bounded queue.
 
+Writes go out at once: aiomqtt hands each queued packet to the event loop
+through ``call_soon_threadsafe(add_writer)`` (a wake-up of the loop's self-pipe,
+an ``epoll_ctl`` to register the socket, another to unregister it: five system
+calls and two loop iterations per PUBLISH or PUBACK). :func:`write_through`
+makes a packet queued on the loop's own thread be written there and then, as
+paho does itself without an external loop; a partial write (a full socket
+buffer) or a packet queued from another thread takes aiomqtt's path.
+
 Limitations: aiomqtt 2.5 ignores the PUBACK reason code, so a broker that refuses
 a publish with a PUBACK (e.g. 0x87 not authorised) is indistinguishable from
 acceptance here; the end-to-end signed acknowledgement catches it.
@@ -42,7 +50,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -60,6 +68,7 @@ __all__ = [
     "DEFAULT_TOPIC_PREFIX",
     "MqttConfig",
     "MqttUplink",
+    "write_through",
 ]
 
 _NODELAY: Final = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
@@ -205,6 +214,47 @@ class MqttConfig:
         return self.topic(PRESENCE_CHANNEL)
 
 
+def write_through(client: aiomqtt.Client) -> None:
+    """Make packets queued on the event loop's thread be written at once.
+
+    aiomqtt's ``on_socket_register_write`` defers every write to a writer
+    callback registered through ``call_soon_threadsafe``. This wraps it: on
+    the thread running the loop, outside paho's callbacks (paho's own test
+    before it writes directly), ``loop_write`` runs now; whatever it could
+    not write (``EAGAIN``) makes paho call the hook again, which then defers
+    to aiomqtt's writer as before, as do calls from other threads (the
+    connect runs in an executor). If the attributes this relies on are
+    missing (another aiomqtt or paho), nothing is changed.
+    """
+    paho = getattr(client, "_client", None)
+    deferred = getattr(paho, "on_socket_register_write", None)
+    in_callback = getattr(paho, "_in_callback_mutex", None)
+    if paho is None or deferred is None or in_callback is None:
+        return
+    loop = asyncio.get_running_loop()
+    writing = False
+
+    def register_write(paho_client: Any, userdata: Any, sock: Any) -> None:
+        nonlocal writing
+        if (
+            writing
+            or asyncio._get_running_loop() is not loop
+            or not in_callback.acquire(blocking=False)
+        ):
+            deferred(paho_client, userdata, sock)
+            return
+        in_callback.release()
+        writing = True
+        try:
+            paho_client.loop_write()
+        except Exception:  # noqa: BLE001 - aiomqtt's writer meets it and disconnects
+            deferred(paho_client, userdata, sock)
+        finally:
+            writing = False
+
+    paho.on_socket_register_write = register_write
+
+
 async def _connect(client: aiomqtt.Client) -> None:
     """Enter ``client`` without leaking the socket of a failed or cancelled attempt.
 
@@ -319,6 +369,7 @@ class MqttUplink(ReconnectingUplink[aiomqtt.Client]):
             socket_options=_NODELAY,
         )
         client.pending_calls_threshold = cfg.max_pending + _PENDING_SLACK
+        write_through(client)
         return client
 
     async def _connect_and_serve(
@@ -373,6 +424,10 @@ class MqttUplink(ReconnectingUplink[aiomqtt.Client]):
     async def _transmit(
         self, conn: aiomqtt.Client, payloads: Sequence[tuple[str, bytes]]
     ) -> None:
+        if len(payloads) == 1:  # the common case: no task group for one publish
+            channel, payload = payloads[0]
+            await self._publish(conn, self._topics[channel], payload)
+            return
         try:
             async with asyncio.TaskGroup() as group:
                 for channel, payload in payloads:

@@ -101,8 +101,14 @@ class DownlinkSink(Protocol):
         """Whether a send to ``pseudonym`` can go out now."""
         ...
 
-    async def send(self, pseudonym: str, payload: bytes) -> bool:
+    async def send(
+        self, pseudonym: str, payload: bytes, *, reliable: bool = True
+    ) -> bool:
         """Send one payload to the device's ``down`` channel, bounded in time.
+
+        ``reliable=False`` (acknowledgements) lets the transport drop it on
+        the way (MQTT QoS 0): a lost acknowledgement costs a resend, which is
+        acknowledged again.
 
         Returns:
             Whether the transport accepted it (never raises for transport
@@ -522,18 +528,20 @@ class Gateway:
             )
             for start in range(0, len(unique), MAX_ACK_IDS)
         ]
-        if await self._send_down(device, encode_batch(acks)):
+        if await self._send_down(device, encode_batch(acks), reliable=False):
             self.stats.acks_sent += len(acks)
             self.stats.acked_ids += len(unique)
         else:
             self.stats.acks_unsent += len(acks)
 
-    async def _send_down(self, device: KnownDevice, payload: bytes) -> bool:
+    async def _send_down(
+        self, device: KnownDevice, payload: bytes, *, reliable: bool = True
+    ) -> bool:
         route = self._state(device.pseudonym).route
         sinks = sorted(self._sinks, key=lambda sink: sink.name != route)
         for sink in sinks:
             if sink.reachable(device.pseudonym) and await sink.send(
-                device.pseudonym, payload
+                device.pseudonym, payload, reliable=reliable
             ):
                 return True
         return False

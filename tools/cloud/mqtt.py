@@ -31,6 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from relay.uplink import Endpoint, parse_broker_url
 from relay.uplink.base import STABLE_AFTER_S
+from relay.uplink.mqtt import write_through
 from relay.uplink.tls import client_tls_context
 from tools.cloud.config import GatewayConfig
 from tools.cloud.gateway import Channel, Gateway
@@ -93,15 +94,24 @@ class MqttTransport:
         """Wait until subscribed; bound it with ``asyncio.timeout``."""
         await self._connected.wait()
 
-    async def send(self, pseudonym: str, payload: bytes) -> bool:
-        """Publish ``payload`` to the device's ``down`` topic at QoS 1."""
+    async def send(
+        self, pseudonym: str, payload: bytes, *, reliable: bool = True
+    ) -> bool:
+        """Publish ``payload`` to the device's ``down`` topic.
+
+        At QoS 1, or QoS 0 when not ``reliable`` (acknowledgements: a lost
+        one costs the phone a resend, acknowledged again; QoS 0 spares the
+        phone, the broker and the gateway a PUBACK each).
+        """
         client = self._client
         if client is None:
             return False
         topic = f"{self._config.prefix}/{pseudonym}/down"
         try:
             async with asyncio.timeout(self._config.send_timeout_s):
-                await client.publish(topic, payload, qos=1, timeout=math.inf)
+                await client.publish(
+                    topic, payload, qos=1 if reliable else 0, timeout=math.inf
+                )
         except (aiomqtt.MqttError, TimeoutError) as exc:
             logger.debug("> publish to %s failed: %s", pseudonym, exc)
             return False
@@ -161,6 +171,7 @@ class MqttTransport:
             socket_options=_NODELAY,
         )
         client.pending_calls_threshold = MAX_QUEUED_OUTGOING
+        write_through(client)
         return client
 
     async def _session(self, tls: ssl.SSLContext | None) -> None:

@@ -87,8 +87,14 @@ class WsTransport:
         ws = self._sockets.get(pseudonym)
         return ws is not None and not ws.closed
 
-    async def send(self, pseudonym: str, payload: bytes) -> bool:
-        """Send ``payload`` as one binary frame on the device's socket."""
+    async def send(
+        self, pseudonym: str, payload: bytes, *, reliable: bool = True
+    ) -> bool:
+        """Send ``payload`` as one binary frame on the device's socket.
+
+        ``reliable`` changes nothing here: the socket delivers in order or closes.
+        """
+        del reliable
         ws = self._sockets.get(pseudonym)
         if ws is None or ws.closed:
             return False
