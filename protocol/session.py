@@ -167,6 +167,15 @@ class SessionConfig:
         resend_after: Seconds a reliable message may stay unacknowledged on a
             live link before it is sent again (a record lost to tampering or a
             full receive queue); a new link resends everything at once.
+        ack_delay: Seconds an acknowledgement may wait for others to share
+            its record (delayed ACK, as in TCP): each ACK is a record of its
+            own, sealed and written, so at a steady rate one per message
+            would cost both ends a write and a radio packet each. Policy:
+            pending acknowledgements go out when this much time has passed
+            since the first of them, when ``ack_batch`` are pending, or at
+            once with any other outgoing record. 0 sends each at once. Keep
+            it well under ``resend_after`` and the peer's unacked window.
+        ack_batch: Pending acknowledgements that go out without waiting.
     """
 
     limits: Limits = DEFAULT_LIMITS
@@ -180,9 +189,15 @@ class SessionConfig:
     supervision_timeout: float = 8.0
     max_record_plaintext: int = 4096
     resend_after: float = 5.0
+    ack_delay: float = 0.05
+    ack_batch: int = 8
 
     def __post_init__(self) -> None:
         """Reject values that cannot work together."""
+        if not 0 <= self.ack_delay < self.resend_after:
+            raise ValueError("ack_delay must be >= 0 and below resend_after")
+        if self.ack_batch < 1:
+            raise ValueError("ack_batch must be >= 1")
         if self.heartbeat_interval <= 0 or self.handshake_timeout <= 0:
             raise ValueError("heartbeat_interval and handshake_timeout must be > 0")
         if self.supervision_timeout <= self.heartbeat_interval:
@@ -299,6 +314,9 @@ class Session:
         self._link_out = LinkSender(self._limits)
         self._link_in = Reassembler(self._limits)
         self._acks = AckCollector()
+        self._acks_since: float | None = None
+        """When the oldest pending acknowledgement was added (``_now`` then)."""
+        self._acks_due = False
         protocol = PAIRING_PROTOCOL if policy.pairing else SESSION_PROTOCOL
         psks = (policy.pairing_psk,) if policy.pairing_psk is not None else ()
         self._handshake: HandshakeState | None = HandshakeState(
@@ -353,7 +371,21 @@ class Session:
     @property
     def has_output(self) -> bool:
         """Whether :meth:`pull_fragment` has something to return now."""
-        return bool(self._acks) or self._link_out.pending_bytes > 0
+        return self._link_out.pending_bytes > 0 or self._acks_ready()
+
+    def _acks_ready(self) -> bool:
+        """Whether pending acknowledgements go out now (see ``ack_delay``)."""
+        pending = len(self._acks)
+        return pending > 0 and (
+            self._acks_due
+            or pending >= self._config.ack_batch
+            or self._config.ack_delay <= 0
+        )
+
+    def _add_ack(self, message_id: bytes) -> None:
+        if not self._acks:
+            self._acks_since = self._now
+        self._acks.add(message_id)
 
     @property
     def queued_bytes(self) -> int:
@@ -583,7 +615,7 @@ class Session:
             if delivery.seen.seen(mid):
                 # Processed before: acknowledge again so the peer forgets it.
                 self.duplicates += 1
-                self._acks.add(mid)
+                self._add_ack(mid)
                 return
             if mid in delivery.in_progress:
                 self.duplicates += 1
@@ -604,7 +636,7 @@ class Session:
             raise LocalProtocolError("message id must be 16 bytes")
         self._delivery.in_progress.discard(message_id)
         self._delivery.seen.remember(message_id)
-        self._acks.add(message_id)
+        self._add_ack(message_id)
 
     def abandon(self, message_id: bytes) -> None:
         """Forget a received message without acknowledging it (so it is resent)."""
@@ -666,6 +698,8 @@ class Session:
             return
         while (ack := self._acks.take(self._randbytes(MESSAGE_ID_SIZE))) is not None:
             self._send_now(ack, Channel.CONTROL)
+        self._acks_since = None
+        self._acks_due = False
 
     def handle_timer(self, now: float) -> None:
         """Run what is due at ``now``: timeouts, heartbeats, reassembly expiry.
@@ -692,6 +726,11 @@ class Session:
                     limit=int(self._config.supervision_timeout),
                 )
             )
+        if (
+            self._acks_since is not None
+            and now >= self._acks_since + self._config.ack_delay
+        ):
+            self._acks_due = True
         if now - self._last_sent >= self._config.heartbeat_interval:
             self._send_now(self._heartbeat(now), Channel.CONTROL)
             self._last_sent = now
@@ -742,6 +781,8 @@ class Session:
         expiry = self._link_in.get_timer()
         if expiry is not None:
             times.append(expiry)
+        if self._acks_since is not None and not self._acks_due:
+            times.append(self._acks_since + self._config.ack_delay)
         return min(times)
 
     # -- outputs -----------------------------------------------------------
@@ -749,10 +790,11 @@ class Session:
     def pull_fragment(self, max_fragment_size: int) -> bytes | None:
         """Return the next GATT value to write, or ``None`` when idle.
 
-        Pending acknowledgements are packed first, so they ride along with
-        whatever the link is busy with.
+        Pending acknowledgements are packed first when any other record is
+        queued (they ride along) or when they are due (``ack_delay``,
+        ``ack_batch``; :attr:`has_output` says so).
         """
-        if self._acks:
+        if self._acks and (self._link_out.pending_bytes > 0 or self._acks_ready()):
             self._flush_acks()
         return self._link_out.pull(max_fragment_size)
 

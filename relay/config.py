@@ -366,6 +366,8 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("session", "heartbeat_interval", _SECONDS, _SESSION.heartbeat_interval),
     Key("session", "supervision_timeout", _SECONDS, _SESSION.supervision_timeout),
     Key("session", "resend_after", _SECONDS, _SESSION.resend_after),
+    Key("session", "ack_delay", _Float(0, 1, lo_open=False), _SESSION.ack_delay),
+    Key("session", "ack_batch", _Int(1, 1024), _SESSION.ack_batch),
     Key("outbox", "max_bytes", _Int(1, unit="bytes"), _OUTBOX.max_bytes),
     Key("outbox", "max_rows", _POSITIVE, _OUTBOX.max_rows),
     Key("outbox", "max_age", _SECONDS, _OUTBOX.max_age_s),
@@ -817,6 +819,7 @@ def _build(
         v, "session.heartbeat_interval", "session.supervision_timeout", strict=True
     )
     _ordered(v, "cloud.resend_after", "cloud.resend_cap", strict=False)
+    _ordered(v, "session.ack_delay", "session.resend_after", strict=True)
     scenario = v.get_str("glasses.scenario")
     try:
         config = RelayConfig(
@@ -839,6 +842,8 @@ def _build(
                 heartbeat_interval=v.get_float("session.heartbeat_interval"),
                 supervision_timeout=v.get_float("session.supervision_timeout"),
                 resend_after=v.get_float("session.resend_after"),
+                ack_delay=v.get_float("session.ack_delay"),
+                ack_batch=v.get_int("session.ack_batch"),
             ),
             outbox=OutboxConfig(
                 max_bytes=v.get_int("outbox.max_bytes"),

@@ -87,9 +87,17 @@ class SessionDriver:
         self._after_input()
 
     def acknowledge(self, message_id: bytes) -> None:
-        """Acknowledge a durable or answered message to the peer."""
-        self.session.acknowledge(message_id)
-        self._kick.set()
+        """Acknowledge a durable or answered message to the peer.
+
+        The acknowledgement goes out with the next record, or on its own
+        after ``session.ack_delay`` (the session's timer says when).
+        """
+        session = self.session
+        session.acknowledge(message_id)
+        if session.has_output:
+            self._kick.set()
+        else:
+            self._rearm()
 
     def kick(self) -> None:
         """Wake the writer after changing the session directly."""

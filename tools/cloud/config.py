@@ -270,6 +270,14 @@ class GatewayConfig:
         idempotency_ttl_s: How long processed message ids are remembered.
         assembly_ttl_s: How long parts of an incomplete request are kept.
         ack_delay_s: Acks for one device are gathered this long, then signed.
+        ack_interval_s: At most one ack per device this often (delayed ACK
+            under load, as QUIC's ack frequency): a device that streams gets
+            an ack with every id of the last interval instead of one per
+            message, which spares the phone a signature check, a packet
+            and an outbox write per message; one after a quiet spell is
+            acknowledged after ``ack_delay_s`` only. An ack held so is at
+            most this late, which the phone's uplink round-trip samples
+            include.
         resend_initial_s: First resend delay of an unacknowledged answer.
         resend_cap_s: Largest resend delay (it doubles up to this).
         silence_s: An uplink after this long a silence resends pending answers.
@@ -310,6 +318,7 @@ class GatewayConfig:
     idempotency_ttl_s: float = DEFAULT_IDEMPOTENCY_TTL_S
     assembly_ttl_s: float = 86_400.0
     ack_delay_s: float = 0.005
+    ack_interval_s: float = 0.1
     resend_initial_s: float = 2.0
     resend_cap_s: float = 30.0
     silence_s: float = 10.0
@@ -385,7 +394,7 @@ class GatewayConfig:
             )
         if self.resend_cap_s < self.resend_initial_s:
             raise ConfigError("gateway resend_cap_s must be >= resend_initial_s")
-        for name in ("ack_delay_s", "answer_hold_s"):
+        for name in ("ack_delay_s", "ack_interval_s", "answer_hold_s"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"gateway {name} must be 0 to 1 s")
         for name in (

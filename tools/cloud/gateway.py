@@ -18,8 +18,8 @@ admits the previous one, and for each uplink envelope:
    completed by this part is answered; each new id gets a ``processed``
    ledger line;
 5. new and duplicate ids alike are acknowledged: gathered per device for
-   ``ack_delay_s``, signed (:func:`protocol.envelope.sign_ack`, sequence
-   increasing) and sent down.
+   ``ack_delay_s`` and at most one per ``ack_interval_s`` per device, signed
+   (:func:`protocol.envelope.sign_ack`, sequence increasing) and sent down.
 
 Answers stream down piece by piece as RESPONSE_TEXT downlink envelopes
 (:class:`~tools.cloud.downlink.Answers`), kept until the phone's ACK and
@@ -123,6 +123,7 @@ class _DeviceState:
     presence_t_us: int = -1
     last_uplink: float = -float("inf")
     route: str | None = None
+    last_ack: float = -float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,15 +506,35 @@ class Gateway:
         return self._ack_sequence
 
     async def _ack_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self._config.ack_interval_s
+        wake: asyncio.TimerHandle | None = None
         while True:
             await self._ack_ready.wait()
             if self._config.ack_delay_s:
                 await asyncio.sleep(self._config.ack_delay_s)
             self._ack_ready.clear()
-            pending, self._acks = self._acks, {}
-            async with asyncio.TaskGroup() as group:
-                for device, ids in pending.values():
-                    group.create_task(self._send_acks(device, ids))
+            now = loop.time()
+            due: list[tuple[KnownDevice, list[bytes]]] = []
+            later: float | None = None
+            for pseudonym in list(self._acks):
+                state = self._state(pseudonym)
+                at = state.last_ack + interval
+                if at <= now:
+                    due.append(self._acks.pop(pseudonym))
+                    state.last_ack = now
+                elif later is None or at < later:
+                    later = at
+            if wake is not None and wake.when() <= now:
+                wake = None  # it has fired (or is about to)
+            if later is not None and (wake is None or wake.when() > later):
+                if wake is not None:
+                    wake.cancel()
+                wake = loop.call_at(later, self._ack_ready.set)
+            if due:
+                async with asyncio.TaskGroup() as group:
+                    for device, ids in due:
+                        group.create_task(self._send_acks(device, ids))
 
     async def _send_acks(self, device: KnownDevice, ids: list[bytes]) -> None:
         unique = list(dict.fromkeys(ids))
