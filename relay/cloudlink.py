@@ -413,11 +413,23 @@ class CloudLink:
             self._room_blocked = room <= 0
             if room > 0 and drained_at != generation:
                 want = min(room, config.batch_items * config.batches_per_send)
-                rows, complete = await self.outbox.next_rows(
-                    want,
-                    config.batch_bytes * config.batches_per_send,
-                    exclude=frozenset(self._in_flight).union(self._deleting),
+                budget = config.batch_bytes * config.batches_per_send
+                exclude = self._deleting.union(self._in_flight)
+                # Drained before: only rows stored since are new, and the
+                # outbox usually still has them in memory.
+                fresh = (
+                    None
+                    if drained_at is None
+                    else self.outbox.rows_stored_since(
+                        drained_at, want, budget, exclude=exclude
+                    )
                 )
+                if fresh is not None:
+                    rows, complete = fresh, True
+                else:
+                    rows, complete = await self.outbox.next_rows(
+                        want, budget, exclude=exclude
+                    )
                 drained_at = generation if complete else None
             rows = [r for r in rows if r.topic != UNSEALED]
             if not rows:

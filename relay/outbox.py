@@ -13,6 +13,18 @@ Storage and threading:
     Requests are handled in submission order, so a ``put`` that returned is visible to
     every later ``next_batch``.
 
+Rows just stored, in memory:
+    The sender reads what to send with :meth:`Outbox.next_rows`, a query on the
+    worker. Once it has read everything sendable (at some :attr:`Outbox.generation`),
+    what becomes sendable next is only what later puts store, so
+    :meth:`Outbox.rows_stored_since` hands it those rows from memory (up to
+    ``_FRESH_MAX``; any expiry, purge or re-seal in between makes it say "ask the
+    store"), which spares a round trip to the worker per message at a steady rate.
+
+Lazy writes (attempt marks and deletes the caller marks ``lazy``) wait on the
+event-loop side for the next other request and go to the worker with it, or
+after ``lazy_flush_interval``, so they wake the worker no more often than puts.
+
 Group commit:
     ``put`` calls that reach the worker within ``commit_interval`` seconds of the first
     one, up to ``commit_max_batch`` rows, share one transaction. Every ``put`` returns
@@ -130,6 +142,9 @@ _INSERT: Final = (
 )
 # rowid grows with every insert (max + 1), so it is the insertion order, also across
 # restarts. The unary + keeps the planner on outbox_send_order (no sort step).
+_FRESH_MAX: Final = 256
+"""Rows kept in memory for :meth:`Outbox.rows_stored_since` (then: ask the store)."""
+
 _SELECT_SENDABLE: Final = (
     "SELECT msg_id, priority, realtime, expires_at, created_at, size, topic, "
     "envelope, attempts FROM outbox "
@@ -772,6 +787,10 @@ class _Stop:
 _Request = _PutRequest | _IdsRequest | _Job | _Stop
 
 
+def _by_priority(row: OutboxRow) -> int:
+    return row.priority
+
+
 def _storage_error(exc: sqlite3.Error | OSError) -> OutboxStorageError:
     err = OutboxStorageError(f"outbox storage failed: {type(exc).__name__}: {exc}")
     err.__cause__ = exc
@@ -820,6 +839,11 @@ class Outbox:
         self._closed = False
         self._nonempty = asyncio.Event()
         self._generation = 0
+        self._fresh: list[tuple[int, OutboxRow]] = []
+        self._fresh_base = 0  # rows_stored_since answers for generations >= this
+        self._dropped_seen = 0
+        self._lazy: list[_IdsRequest] = []  # lazy writes not yet queued (loop side)
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._stored_listeners: list[Callable[[], None]] = []
         self._debug = logger.isEnabledFor(logging.DEBUG)
 
@@ -988,6 +1012,82 @@ class Outbox:
         rows, _ = await self.next_rows(max_items, max_bytes, exclude=exclude)
         return rows
 
+    def rows_stored_since(
+        self,
+        generation: int,
+        max_items: int,
+        max_bytes: int,
+        *,
+        exclude: Set[bytes] = frozenset(),
+    ) -> list[OutboxRow] | None:
+        """The rows stored after ``generation``, from memory, or None: ask the store.
+
+        For a caller that read every sendable row (``next_rows`` said
+        complete) when :attr:`generation` was ``generation``: what is
+        sendable now is what puts stored since, which this returns as
+        :meth:`next_rows` would (priority, then insertion order; ``exclude``
+        and expired rows left out), and complete. None when the outbox does
+        not hold all of them in memory (more than ``_FRESH_MAX``, or rows
+        were expired, purged or re-sealed since), or when they do not fit
+        ``max_items`` and ``max_bytes``.
+        """
+        if generation < self._fresh_base:
+            return None
+        fresh = self._fresh
+        stale = 0
+        while stale < len(fresh) and fresh[stale][0] <= generation:
+            stale += 1
+        if stale:
+            del fresh[:stale]  # the caller has them; it asks only forward
+        now = self._clock()
+        rows = [
+            row
+            for _, row in fresh
+            if row.msg_id not in exclude
+            and (row.expires_at is None or row.expires_at > now)
+        ]
+        if len(rows) > max_items or sum(row.size for row in rows) > max_bytes:
+            return None
+        rows.sort(key=_by_priority)
+        return rows
+
+    def _keep_fresh(
+        self, batch: Sequence[_WriteRequest], results: Sequence[object]
+    ) -> None:
+        generation = self._generation
+        fresh = self._fresh
+        for request, result in zip(batch, results, strict=True):
+            if not isinstance(request, _PutRequest) or not isinstance(result, list):
+                continue
+            for item, outcome in zip(request.items, result, strict=True):
+                if outcome is not PutOutcome.STORED:
+                    continue
+                generation += 1
+                fresh.append(
+                    (
+                        generation,
+                        OutboxRow(
+                            msg_id=item.msg_id,
+                            priority=item.priority,
+                            realtime=item.realtime,
+                            expires_at=item.expires_at,
+                            created_at=request.now,
+                            size=len(item.envelope),
+                            topic=item.topic,
+                            envelope=item.envelope,
+                            attempts=0,
+                        ),
+                    )
+                )
+        if len(fresh) > _FRESH_MAX:
+            fresh.clear()
+            self._fresh_base = generation
+
+    def _forget_fresh(self) -> None:
+        """Rows may have left or changed: later calls must ask the store."""
+        self._fresh.clear()
+        self._fresh_base = self._generation
+
     async def next_rows(
         self,
         max_items: int,
@@ -1059,9 +1159,34 @@ class Outbox:
         unique = tuple(dict.fromkeys(ids))
         if not unique:
             future.set_result(0)
+        elif lazy:
+            self._lazy.append(_IdsRequest(op, unique, future, lazy))
+            if self._lazy_timer is None:
+                self._lazy_timer = self._loop.call_later(
+                    self._config.lazy_flush_interval, self._flush_lazy, True
+                )
         else:
+            self._flush_lazy()
             self._requests.put(_IdsRequest(op, unique, future, lazy))
         return future
+
+    def _flush_lazy(self, due: bool = False) -> None:
+        """Queue the lazy writes held on the loop side, ahead of another request.
+
+        ``due`` (their timer fired): nothing came to ride on, so they go as
+        ordinary writes instead of waiting again in the worker.
+        """
+        if self._lazy_timer is not None:
+            if not due:
+                self._lazy_timer.cancel()
+            self._lazy_timer = None
+        if not self._lazy:
+            return
+        held, self._lazy = self._lazy, []
+        for request in held:
+            if due:
+                request.lazy = False
+            self._requests.put(request)
 
     async def rows_with_topic(
         self, topic: str, limit: int = 500
@@ -1089,7 +1214,13 @@ class Outbox:
             OutboxClosedError: The outbox is closed.
             OutboxStorageError: SQLite failed; nothing was replaced.
         """
-        return await self._call(lambda store: store.replace_envelopes(old_topic, rows))
+        self._forget_fresh()
+        try:
+            return await self._call(
+                lambda store: store.replace_envelopes(old_topic, rows)
+            )
+        finally:
+            self._forget_fresh()  # and what puts stored meanwhile
 
     async def purge(self) -> int:
         """Delete every row (the user unpaired the glasses); returns how many.
@@ -1098,7 +1229,11 @@ class Outbox:
             OutboxClosedError: The outbox is closed.
             OutboxStorageError: SQLite failed; nothing was deleted.
         """
-        return await self._call(lambda store: store.purge())
+        self._forget_fresh()
+        try:
+            return await self._call(lambda store: store.purge())
+        finally:
+            self._forget_fresh()  # and what puts stored meanwhile
 
     async def mark_attempt(self, ids: Iterable[bytes]) -> int:
         """Count one more send attempt for each row; call it when sending them.
@@ -1146,7 +1281,10 @@ class Outbox:
             OutboxStorageError: SQLite failed; nothing was dropped.
         """
         at = self._clock() if now is None else now
-        return await self._call(lambda store: store.expire(at))
+        result = await self._call(lambda store: store.expire(at))
+        if result.expired or result.aged:
+            self._forget_fresh()
+        return result
 
     async def stats(self) -> OutboxStats:
         """Return a consistent snapshot of depth, oldest age and counters.
@@ -1214,6 +1352,7 @@ class Outbox:
             if not self._closed:
                 await asyncio.to_thread(self._thread.join)
             return
+        self._flush_lazy()
         self._closing = True
         done: asyncio.Future[None] = self._loop.create_future()
         self._requests.put(_Stop(done))
@@ -1261,6 +1400,7 @@ class Outbox:
         now = self._clock()
         step = self._config.commit_max_batch
         futures: list[asyncio.Future[list[PutOutcome]]] = []
+        self._flush_lazy()
         for start in range(0, len(items), step):
             future: asyncio.Future[list[PutOutcome]] = self._loop.create_future()
             self._requests.put(_PutRequest(items[start : start + step], now, future))
@@ -1276,6 +1416,7 @@ class Outbox:
 
     async def _call(self, fn: Callable[[_Store], _T]) -> _T:
         self._check_open()
+        self._flush_lazy()
         future: asyncio.Future[_T] = self._loop.create_future()
 
         def run(store: _Store) -> None:
@@ -1302,7 +1443,13 @@ class Outbox:
         results: Sequence[object],
         rows: int,
         stored: int,
+        dropped: int,
     ) -> None:
+        if dropped != self._dropped_seen:  # puts made room by expiring rows
+            self._dropped_seen = dropped
+            self._forget_fresh()
+        if stored:
+            self._keep_fresh(batch, results)
         self._observe(rows, stored)
         for request, result in zip(batch, results, strict=True):
             future: asyncio.Future[Any] = request.future
@@ -1423,4 +1570,12 @@ class Outbox:
             if isinstance(outcomes, list)
             for o in outcomes
         )
-        self._post(self._complete_writes, batch, results, store.state.rows, stored)
+        st = store.state
+        self._post(
+            self._complete_writes,
+            batch,
+            results,
+            st.rows,
+            stored,
+            st.dropped_expired + st.dropped_age,
+        )
