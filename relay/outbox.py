@@ -1039,6 +1039,7 @@ class Outbox:
             stale += 1
         if stale:
             del fresh[:stale]  # the caller has them; it asks only forward
+            self._fresh_base = generation
         now = self._clock()
         rows = [
             row

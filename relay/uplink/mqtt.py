@@ -221,9 +221,8 @@ def write_through(client: aiomqtt.Client) -> None:
     callback registered through ``call_soon_threadsafe``. This wraps it: on
     the thread running the loop, outside paho's callbacks (paho's own test
     before it writes directly), ``loop_write`` runs now; whatever it could
-    not write (``EAGAIN``) makes paho call the hook again, which then defers
-    to aiomqtt's writer as before, as do calls from other threads (the
-    connect runs in an executor). If the attributes this relies on are
+    not write (``EAGAIN``) goes to aiomqtt's writer as before, as do calls
+    from other threads (the connect runs in an executor). If the attributes this relies on are
     missing (another aiomqtt or paho), nothing is changed.
     """
     paho = getattr(client, "_client", None)
@@ -249,8 +248,13 @@ def write_through(client: aiomqtt.Client) -> None:
             paho_client.loop_write()
         except Exception:  # noqa: BLE001 - aiomqtt's writer meets it and disconnects
             deferred(paho_client, userdata, sock)
+            return
         finally:
             writing = False
+        if paho_client.want_write():
+            # A partial write: paho still counts the socket as registered (it
+            # does not call this hook again), so hand the rest to aiomqtt.
+            deferred(paho_client, userdata, sock)
 
     paho.on_socket_register_write = register_write
 

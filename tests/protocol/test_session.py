@@ -44,18 +44,21 @@ class SessionPair:
         phone_delivery: Delivery | None = None,
         glasses_delivery: Delivery | None = None,
         fragment_size: int = 20,
+        config: SessionConfig | None = None,
     ) -> None:
         self.phone = Session(
             Role.PHONE,
             PHONE,
             phone_policy or PeerPolicy(pinned=frozenset({GLASSES.public})),
             delivery=phone_delivery,
+            config=config,
         )
         self.glasses = Session(
             Role.GLASSES,
             GLASSES,
             glasses_policy or PeerPolicy(pinned=frozenset({PHONE.public})),
             delivery=glasses_delivery,
+            config=config,
         )
         self.size = fragment_size
         self.now = 0.0
@@ -349,3 +352,85 @@ def test_random_bytes_into_the_handshake_path_raise_only_remote_errors() -> None
                 glasses.receive_fragment(rng.randbytes(rng.randrange(0, 120)), 0.0)
             except RemoteProtocolError:
                 break
+
+
+def has_output(session: Session) -> bool:
+    """``session.has_output`` (a call, so mypy does not narrow it between reads)."""
+    return session.has_output
+
+
+def _acked(session: Session) -> int:
+    return sum(
+        len(e.messages)
+        for e in session.events_received()
+        if isinstance(e, MessagesAcknowledged)
+    )
+
+
+def test_acknowledgements_wait_for_ack_delay_unless_they_can_ride() -> None:
+    pair = SessionPair(config=SessionConfig(ack_delay=0.05, ack_batch=3))
+    pair.connect()
+    pair.now = 1.0
+    pair.phone.events_received()
+    pair.glasses.events_received()
+    first, second = telemetry(1), telemetry(2)
+    for m in (first, second):
+        pair.glasses.send(m, pair.now)
+    pair.pump()
+    assert len(received(pair.phone)) == 2
+    pair.phone.acknowledge(first.message_id)
+    # Alone, the acknowledgement waits: nothing to write, the timer says when.
+    assert not has_output(pair.phone)
+    assert pair.phone.pull_fragment(pair.size) is None
+    assert pair.phone.get_timer() == pytest.approx(1.05)
+    pair.phone.acknowledge(second.message_id)
+    pair.now = 1.04
+    pair.phone.handle_timer(pair.now)
+    assert pair.phone.pull_fragment(pair.size) is None
+    pair.now = 1.05
+    pair.phone.handle_timer(pair.now)
+    assert has_output(pair.phone)
+    pair.pump()
+    assert _acked(pair.glasses) == 2  # both in one ACK, 50 ms after the first
+    # With another record going out, pending acknowledgements ride along.
+    third = telemetry(3)
+    pair.glasses.send(third, pair.now)
+    pair.pump()
+    received(pair.phone)
+    pair.phone.acknowledge(third.message_id)
+    pair.phone.send(telemetry(4), pair.now)
+    pair.pump()
+    assert _acked(pair.glasses) == 1
+    # ack_batch pending go at once.
+    batch = [telemetry(10 + i) for i in range(3)]
+    for m in batch:
+        pair.glasses.send(m, pair.now)
+    pair.pump()
+    for m in received(pair.phone):
+        pair.phone.acknowledge(m.message_id)
+    assert has_output(pair.phone)
+    pair.pump()
+    assert _acked(pair.glasses) == 3
+
+
+def test_ack_delay_zero_acknowledges_at_once() -> None:
+    pair = SessionPair(config=SessionConfig(ack_delay=0))
+    pair.connect()
+    pair.glasses.events_received()
+    message = telemetry(1)
+    pair.glasses.send(message, pair.now)
+    pair.pump()
+    (got,) = received(pair.phone)
+    pair.phone.acknowledge(got.message_id)
+    assert has_output(pair.phone)
+    pair.pump()
+    assert _acked(pair.glasses) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"ack_delay": -0.1}, {"ack_delay": 5.0, "resend_after": 5.0}, {"ack_batch": 0}],
+)
+def test_ack_settings_that_cannot_work_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="ack_"):
+        SessionConfig(**kwargs)  # type: ignore[arg-type]

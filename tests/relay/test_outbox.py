@@ -630,3 +630,55 @@ async def test_lazy_writes_are_not_held_past_the_interval_by_reads(db: Path) -> 
         await ob.next_batch(10, 10**6)  # 0: written before the read
         assert lazy.done()
         assert await lazy == 1
+
+
+async def test_rows_stored_since_hands_new_rows_from_memory(
+    outbox: Outbox, clock: FakeClock
+) -> None:
+    await outbox.put_many([item(1), item(2)])
+    _, complete = await outbox.next_rows(10, 10**6)
+    assert complete
+    drained = outbox.generation
+    assert outbox.rows_stored_since(drained, 10, 10**6) == []
+    await outbox.put_many(
+        [item(3, priority=2), item(4, priority=0), item(5, priority=2), item(1)]
+    )  # item 1 is a duplicate: not new
+    fresh = outbox.rows_stored_since(drained, 10, 10**6, exclude={mid(5)})
+    assert fresh is not None
+    assert [r.msg_id for r in fresh] == [mid(4), mid(3)]  # as next_rows orders
+    stored = {r.msg_id: r for r in await outbox.next_batch(10, 10**6)}
+    assert all(row == stored[row.msg_id] for row in fresh)
+    # What does not fit the limits, or lies before what it kept: ask the store.
+    assert outbox.rows_stored_since(drained, 2, 10**6) is None
+    assert outbox.rows_stored_since(drained, 10, 25) is None
+    assert outbox.rows_stored_since(drained - 1, 10, 10**6) is None  # handed out
+    later = outbox.generation
+    assert outbox.rows_stored_since(later, 10, 10**6) == []
+    assert outbox.rows_stored_since(drained, 10, 10**6) is None  # pruned
+    # An expired real-time row is left out, as the store's query leaves it.
+    await outbox.put(item(6, realtime=True, expires_at=clock.now + 1))
+    clock.now += 2
+    assert outbox.rows_stored_since(later, 10, 10**6) == []
+
+
+async def test_rows_stored_since_says_ask_the_store_after_rows_left(
+    outbox: Outbox, clock: FakeClock
+) -> None:
+    drained = outbox.generation
+    await outbox.put(item(1, realtime=True, expires_at=clock.now + 1))
+    clock.now += 2
+    assert (await outbox.expire()).expired == 1
+    assert outbox.rows_stored_since(drained, 10, 10**6) is None
+    drained = outbox.generation
+    await outbox.put(item(2))
+    assert await outbox.purge() == 1
+    assert outbox.rows_stored_since(drained, 10, 10**6) is None
+    # More rows than it keeps in memory.
+    drained = outbox.generation
+    await outbox.put_many([item(n) for n in range(10, 10 + 257)])
+    assert outbox.rows_stored_since(drained, 10**4, 10**9) is None
+    drained = outbox.generation
+    await outbox.put(item(5))
+    fresh = outbox.rows_stored_since(drained, 10, 10**6)
+    assert fresh is not None
+    assert [r.msg_id for r in fresh] == [mid(5)]

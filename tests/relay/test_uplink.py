@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from relay.uplink import (
     parse_broker_url,
     parse_gateway_url,
 )
+from relay.uplink.mqtt import write_through
 from relay.uplink.reconnect import ReconnectingUplink
 
 WAIT_S = 10.0
@@ -210,6 +212,44 @@ async def test_mqtt_round_trip(mosquitto: Mosquitto, mqtt_uplink: MqttUplink) ->
     assert stats.publishes == 5
     assert stats.bytes_sent == sum(len(p) for _, p in payloads)
     assert (stats.received, stats.bytes_received) == (2, 12)
+
+
+async def test_mqtt_write_through_writes_at_once_and_falls_back_when_full(
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packets queued on the loop's thread go out without aiomqtt's writer
+    callback; one too big for the socket buffer is finished by it, intact."""
+    loop = asyncio.get_running_loop()
+    writers: list[int] = []
+    add_writer = loop.add_writer
+
+    def counting(fd: int, callback: Callable[..., object], *args: object) -> None:
+        writers.append(fd)
+        add_writer(fd, callback, *args)
+
+    async with (
+        gateway(mosquitto.port, "sub") as sub,
+        gateway(mosquitto.port, "pub") as pub,
+    ):
+        await sub.subscribe("t/#", qos=1)
+        write_through(pub)
+        sock = pub._client.socket()
+        assert isinstance(sock, socket.socket)
+        fd = sock.fileno()
+        monkeypatch.setattr(loop, "add_writer", counting)
+        await pub.publish("t/1", b"one", qos=1)
+        await pub.publish("t/0", b"zero", qos=0)
+        assert fd not in writers
+        # More than a (small) socket buffer takes: the kernel says EAGAIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        big = bytes(range(256)) * (8 << 10)
+        await pub.publish("t/big", big, qos=1)
+        assert fd in writers
+        got = {}
+        for _ in range(3):
+            message = await next_message(sub)
+            got[message.topic.value] = message.payload
+    assert got == {"t/1": b"one", "t/0": b"zero", "t/big": big}
 
 
 async def test_mqtt_pipelined_publishes_log_no_warning(

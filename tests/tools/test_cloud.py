@@ -137,6 +137,10 @@ class Phone:
     down: dict[bytes, Message] = field(default_factory=dict)
     down_raw: dict[bytes, bytes] = field(default_factory=dict)
     down_count: collections.Counter[bytes] = field(default_factory=collections.Counter)
+    acks: list[tuple[float, tuple[bytes, ...]]] = field(default_factory=list)
+    """Each ACK as it came: (loop time, ids)."""
+    qos: list[tuple[int, bool]] = field(default_factory=list)
+    """MQTT only: (QoS, whether the payload held ACKs) of each payload."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -183,6 +187,7 @@ class Phone:
                     gateway_keys={kid: gateway},
                 )
                 self.acked.update(info.message_ids)
+                self.acks.append((asyncio.get_running_loop().time(), info.message_ids))
                 continue
             plain = open_downlink(
                 item,
@@ -253,7 +258,9 @@ async def mqtt_phone(
         async def pump() -> None:
             async for msg in client.messages:
                 assert isinstance(msg.payload, bytes)
+                acks = len(phone.acks)
                 phone.feed(msg.payload)
+                phone.qos.append((msg.qos, len(phone.acks) > acks))
 
         async def send(payload: bytes, channel: str = "up") -> None:
             topic = phone.channels.up if channel == "up" else phone.channels.presence
@@ -379,6 +386,35 @@ async def test_duplicates_are_acked_again_not_processed_and_bad_ones_dropped(
     assert (gateway.stats.processed, gateway.stats.duplicates) == (1, 1)
     assert ledger(state / "ledger.jsonl") == [(tick.message_id.hex(), "processed")]
     assert len(phone.acked) == 1
+
+
+async def test_acks_are_paced_per_device_and_sent_at_qos_0(
+    mosquitto: Server, state: Path
+) -> None:
+    """The first message after a quiet spell is acknowledged at once; those
+    that follow within ack_interval_s share one ACK, sent when it is over.
+    ACKs go at QoS 0 (a lost one costs a resend), answers at QoS 1."""
+    phone = Phone(state)
+    phone.register()
+    interval = 0.3
+    cfg = config(state, broker_url=mosquitto.url, ack_interval_s=interval)
+    async with running(cfg), mqtt_phone(mosquitto, phone) as send:
+        first = telemetry(1)
+        await send(encode_batch([phone.seal(first)]))
+        await phone.until(lambda: first.message_id in phone.acked)
+        rest = [telemetry(n) for n in (2, 3, 4)]
+        for tick in rest:
+            await send(encode_batch([phone.seal(tick)]))
+        await phone.until(lambda: all(t.message_id in phone.acked for t in rest))
+        ask = request("what's the weather like this afternoon", 9)
+        await send(encode_batch([phone.seal(ask)]))
+        await phone.until(lambda: phone.answered(9))
+    (t0, ids0), (t1, ids1), *_ = phone.acks
+    assert ids0 == (first.message_id,)
+    assert set(ids1) == {t.message_id for t in rest}  # one ACK for the three
+    assert t1 - t0 >= interval / 2  # (not within milliseconds, as unpaced)
+    assert {qos for qos, has_acks in phone.qos if has_acks} == {0}
+    assert {qos for qos, has_acks in phone.qos if not has_acks} == {1}
 
 
 async def test_voice_and_photo_requests_are_assembled(
