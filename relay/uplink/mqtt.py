@@ -222,8 +222,8 @@ def write_through(client: aiomqtt.Client) -> None:
     the thread running the loop, outside paho's callbacks (paho's own test
     before it writes directly), ``loop_write`` runs now; whatever it could
     not write (``EAGAIN``) goes to aiomqtt's writer as before, as do calls
-    from other threads (the connect runs in an executor). If the attributes this relies on are
-    missing (another aiomqtt or paho), nothing is changed.
+    from other threads (the connect runs in an executor). If the attributes
+    this relies on are missing (another aiomqtt or paho), nothing changes.
     """
     paho = getattr(client, "_client", None)
     deferred = getattr(paho, "on_socket_register_write", None)
