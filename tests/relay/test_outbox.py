@@ -682,3 +682,18 @@ async def test_rows_stored_since_says_ask_the_store_after_rows_left(
     fresh = outbox.rows_stored_since(drained, 10, 10**6)
     assert fresh is not None
     assert [r.msg_id for r in fresh] == [mid(5)]
+
+
+async def test_a_lone_put_commits_without_waiting_for_company(db: Path) -> None:
+    """At a slow steady rate the group-commit wait would only add latency: a
+    put that finds no other queued commits at once, even with a long
+    commit_interval; puts that come together still share a transaction."""
+    config = OutboxConfig(commit_interval=1.0)
+    async with await Outbox.open(db, config) as ob:
+        async with asyncio.timeout(0.9):  # each would wait 1 s before
+            for n in range(3):
+                assert await ob.put(item(n))
+        before = (await ob.stats()).put_transactions
+        futures = [ob.put_soon(item(n)) for n in range(10, 14)]
+        assert await asyncio.gather(*futures) == [PutOutcome.STORED] * 4
+        assert (await ob.stats()).put_transactions == before + 1
