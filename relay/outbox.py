@@ -33,9 +33,9 @@ Group commit:
     commits at once (waiting would only add latency: at the android-2m link rate, 39
     messages a second, it cost 2.5 ms of p50 and about 2 points of a core). Every
     ``put`` returns only after that transaction has committed: when it returns the row
-    is durable and
-    the glasses may be acknowledged. A ``put`` whose awaiting task is cancelled may
-    still have been committed; the glasses resend it and the duplicate is recognised.
+    is durable and the glasses may be acknowledged. A ``put`` whose awaiting task is
+    cancelled may still have been committed; the glasses resend it and the duplicate
+    is recognised.
 
 Durability (``OutboxConfig.synchronous``):
     ``NORMAL`` (default): a committed row survives a crash or SIGKILL of the process at
