@@ -247,13 +247,15 @@ def write_through(client: aiomqtt.Client) -> None:
         try:
             paho_client.loop_write()
         except Exception:  # noqa: BLE001 - aiomqtt's writer meets it and disconnects
-            deferred(paho_client, userdata, sock)
-            return
+            failed = True
+        else:
+            failed = False
         finally:
             writing = False
-        if paho_client.want_write():
-            # A partial write: paho still counts the socket as registered (it
-            # does not call this hook again), so hand the rest to aiomqtt.
+        # A partial write (paho still counts the socket as registered and does
+        # not call this hook again) or an error: aiomqtt's writer takes over,
+        # unless the connection is gone (paho closed the socket on the error).
+        if (failed or paho_client.want_write()) and paho_client.socket() is not None:
             deferred(paho_client, userdata, sock)
 
     paho.on_socket_register_write = register_write

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -250,6 +252,37 @@ async def test_mqtt_write_through_writes_at_once_and_falls_back_when_full(
             message = await next_message(sub)
             got[message.topic.value] = message.payload
     assert got == {"t/1": b"one", "t/0": b"zero", "t/big": big}
+
+
+async def test_mqtt_write_through_on_a_dead_connection_leaves_no_loop_error(
+    mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write that meets the broker gone: paho closes the socket; nothing is
+    handed to the loop for it (an ``add_writer(-1)`` would log a traceback)."""
+    client = aiomqtt.Client(
+        LOOPBACK,
+        mosquitto.port,
+        identifier="pub",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        timeout=1.0,  # the disconnect at the end waits for a broker that is gone
+    )
+    write_through(client)
+    with (
+        caplog.at_level(logging.ERROR, logger="asyncio"),
+        contextlib.suppress(aiomqtt.MqttError),
+    ):
+        async with client:
+            await client.publish("t/1", b"x", qos=1)
+            # Killed while the loop does not run, so no read notices first:
+            # the writes below meet the closed connection (EPIPE).
+            mosquitto.kill_sync()
+            time.sleep(0.2)  # noqa: ASYNC251 - keep the loop from reading
+            for _ in range(3):
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await client.publish("t/0", b"y" * 1000, qos=0)
+                time.sleep(0.05)  # noqa: ASYNC251
+        await asyncio.sleep(0.1)  # callbacks scheduled meanwhile run now
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
 async def test_mqtt_pipelined_publishes_log_no_warning(
