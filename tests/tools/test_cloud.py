@@ -417,6 +417,24 @@ async def test_acks_are_paced_per_device_and_sent_at_qos_0(
     assert {qos for qos, has_acks in phone.qos if not has_acks} == {1}
 
 
+async def test_a_full_set_of_ids_is_acked_without_waiting_for_the_interval(
+    mosquitto: Server, state: Path
+) -> None:
+    phone = Phone(state)
+    phone.register()
+    cfg = config(state, broker_url=mosquitto.url, ack_interval_s=1.0, ack_max_ids=4)
+    async with running(cfg), mqtt_phone(mosquitto, phone) as send:
+        first = telemetry(1)
+        await send(encode_batch([phone.seal(first)]))
+        await phone.until(lambda: first.message_id in phone.acked)
+        burst = [telemetry(n) for n in range(2, 6)]
+        await send(encode_batch([phone.seal(t) for t in burst]))
+        # Well before the interval is over: four ids waiting go at once.
+        await phone.until(
+            lambda: all(t.message_id in phone.acked for t in burst), within=0.8
+        )
+
+
 async def test_voice_and_photo_requests_are_assembled(
     mosquitto: Server, state: Path
 ) -> None:

@@ -278,6 +278,9 @@ class GatewayConfig:
             acknowledged after ``ack_delay_s`` only. An ack held so is at
             most this late, which the phone's uplink round-trip samples
             include.
+        ack_max_ids: A device with this many ids waiting is acknowledged
+            without waiting for ``ack_interval_s`` (a fast sender's window of
+            unacknowledged messages must not fill while acks are held).
         resend_initial_s: First resend delay of an unacknowledged answer.
         resend_cap_s: Largest resend delay (it doubles up to this).
         silence_s: An uplink after this long a silence resends pending answers.
@@ -319,6 +322,7 @@ class GatewayConfig:
     assembly_ttl_s: float = 86_400.0
     ack_delay_s: float = 0.005
     ack_interval_s: float = 0.1
+    ack_max_ids: int = 64
     resend_initial_s: float = 2.0
     resend_cap_s: float = 30.0
     silence_s: float = 10.0
@@ -398,6 +402,7 @@ class GatewayConfig:
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"gateway {name} must be 0 to 1 s")
         for name in (
+            "ack_max_ids",
             "max_queue",
             "max_batch",
             "epoch_cache",

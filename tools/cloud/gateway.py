@@ -18,7 +18,8 @@ admits the previous one, and for each uplink envelope:
    completed by this part is answered; each new id gets a ``processed``
    ledger line;
 5. new and duplicate ids alike are acknowledged: gathered per device for
-   ``ack_delay_s`` and at most one per ``ack_interval_s`` per device, signed
+   ``ack_delay_s`` and at most one per ``ack_interval_s`` per device unless
+   ``ack_max_ids`` are waiting, signed
    (:func:`protocol.envelope.sign_ack`, sequence increasing) and sent down.
 
 Answers stream down piece by piece as RESPONSE_TEXT downlink envelopes
@@ -517,10 +518,10 @@ class Gateway:
             now = loop.time()
             due: list[tuple[KnownDevice, list[bytes]]] = []
             later: float | None = None
-            for pseudonym in list(self._acks):
+            for pseudonym, (_, ids) in list(self._acks.items()):
                 state = self._state(pseudonym)
                 at = state.last_ack + interval
-                if at <= now:
+                if at <= now or len(ids) >= self._config.ack_max_ids:
                     due.append(self._acks.pop(pseudonym))
                     state.last_ack = now
                 elif later is None or at < later:
