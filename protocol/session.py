@@ -623,17 +623,20 @@ class Session:
             delivery.in_progress.add(mid)
         self._events.append(MessageReceived(message, channel))
 
-    def acknowledge(self, message_id: bytes) -> None:
+    def acknowledge(self, message_id: bytes, now: float | None = None) -> None:
         """Acknowledge a reliable message once it is durable or answered.
 
         The id is remembered as processed (later copies are dropped and
-        re-acknowledged) and goes out in the next ACK.
+        re-acknowledged) and goes out in the next ACK (``ack_delay`` counts
+        from ``now``; without it, from the last time the session was given).
 
         Raises:
             LocalProtocolError: the id is not 16 bytes.
         """
         if len(message_id) != MESSAGE_ID_SIZE:
             raise LocalProtocolError("message id must be 16 bytes")
+        if now is not None:
+            self._now = now
         self._delivery.in_progress.discard(message_id)
         self._delivery.seen.remember(message_id)
         self._add_ack(message_id)

@@ -93,7 +93,7 @@ class SessionDriver:
         after ``session.ack_delay`` (the session's timer says when).
         """
         session = self.session
-        session.acknowledge(message_id)
+        session.acknowledge(message_id, self.now())
         if session.has_output:
             self._kick.set()
         else:

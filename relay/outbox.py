@@ -145,10 +145,10 @@ _INSERT: Final = (
     "(msg_id, priority, realtime, expires_at, created_at, size, topic, envelope) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# rowid grows with every insert (max + 1), so it is the insertion order, also across
-# restarts. The unary + keeps the planner on outbox_send_order (no sort step).
 _FRESH_MAX: Final = 256
 """Rows kept in memory for :meth:`Outbox.rows_stored_since` (then: ask the store)."""
+# rowid grows with every insert (max + 1), so it is the insertion order, also across
+# restarts. The unary + keeps the planner on outbox_send_order (no sort step).
 
 _SELECT_SENDABLE: Final = (
     "SELECT msg_id, priority, realtime, expires_at, created_at, size, topic, "
@@ -775,6 +775,7 @@ class _IdsRequest:
     ids: Sequence[bytes]
     future: asyncio.Future[int]
     lazy: bool = False  # may wait for the next write transaction
+    since: float = 0.0  # lazy: when it was submitted (monotonic), for its deadline
 
 
 _WriteRequest = _PutRequest | _IdsRequest
@@ -848,6 +849,7 @@ class Outbox:
         self._generation = 0
         self._fresh: list[tuple[int, OutboxRow]] = []
         self._fresh_base = 0  # rows_stored_since answers for generations >= this
+        self._rewriting = 0  # purges, re-seals, expiries queued: ask the store
         self._dropped_seen = 0
         self._lazy: list[_IdsRequest] = []  # lazy writes not yet queued (loop side)
         self._lazy_timer: asyncio.TimerHandle | None = None
@@ -1038,7 +1040,8 @@ class Outbox:
         were expired, purged or re-sealed since), or when they do not fit
         ``max_items`` and ``max_bytes``.
         """
-        if generation < self._fresh_base:
+        self._check_open()
+        if generation < self._fresh_base or self._rewriting:
             return None
         fresh = self._fresh
         stale = 0
@@ -1090,6 +1093,21 @@ class Outbox:
         if len(fresh) > _FRESH_MAX:
             fresh.clear()
             self._fresh_base = generation
+
+    async def _rewrite(self, fn: Callable[[_Store], _T]) -> _T:
+        """Run a job that may delete or change rows (expiry, purge, re-seal).
+
+        Until it is done, and for what puts stored meanwhile,
+        :meth:`rows_stored_since` sends the sender to the store, whose reads
+        are served after the job.
+        """
+        self._rewriting += 1
+        self._forget_fresh()
+        try:
+            return await self._call(fn)
+        finally:
+            self._rewriting -= 1
+            self._forget_fresh()
 
     def _forget_fresh(self) -> None:
         """Rows may have left or changed: later calls must ask the store."""
@@ -1168,7 +1186,7 @@ class Outbox:
         if not unique:
             future.set_result(0)
         elif lazy:
-            self._lazy.append(_IdsRequest(op, unique, future, lazy))
+            self._lazy.append(_IdsRequest(op, unique, future, lazy, time.monotonic()))
             if self._lazy_timer is None:
                 self._lazy_timer = self._loop.call_later(
                     self._config.lazy_flush_interval, self._flush_lazy, True
@@ -1222,13 +1240,9 @@ class Outbox:
             OutboxClosedError: The outbox is closed.
             OutboxStorageError: SQLite failed; nothing was replaced.
         """
-        self._forget_fresh()
-        try:
-            return await self._call(
-                lambda store: store.replace_envelopes(old_topic, rows)
-            )
-        finally:
-            self._forget_fresh()  # and what puts stored meanwhile
+        return await self._rewrite(
+            lambda store: store.replace_envelopes(old_topic, rows)
+        )
 
     async def purge(self) -> int:
         """Delete every row (the user unpaired the glasses); returns how many.
@@ -1237,11 +1251,7 @@ class Outbox:
             OutboxClosedError: The outbox is closed.
             OutboxStorageError: SQLite failed; nothing was deleted.
         """
-        self._forget_fresh()
-        try:
-            return await self._call(lambda store: store.purge())
-        finally:
-            self._forget_fresh()  # and what puts stored meanwhile
+        return await self._rewrite(lambda store: store.purge())
 
     async def mark_attempt(self, ids: Iterable[bytes]) -> int:
         """Count one more send attempt for each row; call it when sending them.
@@ -1289,10 +1299,7 @@ class Outbox:
             OutboxStorageError: SQLite failed; nothing was dropped.
         """
         at = self._clock() if now is None else now
-        result = await self._call(lambda store: store.expire(at))
-        if result.expired or result.aged:
-            self._forget_fresh()
-        return result
+        return await self._rewrite(lambda store: store.expire(at))
 
     async def stats(self) -> OutboxStats:
         """Return a consistent snapshot of depth, oldest age and counters.
@@ -1543,7 +1550,13 @@ class Outbox:
             # Held for the next transaction, at most lazy_flush_interval after
             # the first of them and at most _MAX_WRITES of them.
             if not self._held:
-                self._held_until = time.monotonic() + config.lazy_flush_interval
+                # From when the first was submitted: time held on the loop
+                # side counts (lazy_flush_interval is the longest wait).
+                first_since = min(
+                    (r.since for r in batch if isinstance(r, _IdsRequest) and r.since),
+                    default=time.monotonic(),
+                )
+                self._held_until = first_since + config.lazy_flush_interval
             self._held.extend(batch)
             if len(self._held) < _MAX_WRITES and time.monotonic() < self._held_until:
                 return carried

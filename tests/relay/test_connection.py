@@ -102,6 +102,39 @@ async def test_traffic_both_ways_over_drivers() -> None:
     assert all(isinstance(r, LinkError) for r in results)
 
 
+async def test_a_lone_acknowledgement_leaves_on_the_driver_timer() -> None:
+    """Nothing else to send: the driver's timer sends the ACK ack_delay later
+    (not at once, and not only with the next heartbeat)."""
+    phone_link, glasses_link = loopback_pair(20)
+    config = SessionConfig(
+        ack_delay=0.2, heartbeat_interval=5.0, supervision_timeout=10
+    )
+    phone_s, glasses_s = sessions(config)
+    phone_events: asyncio.Queue[SessionEvent] = asyncio.Queue()
+    glasses_events: asyncio.Queue[SessionEvent] = asyncio.Queue()
+    phone = SessionDriver(phone_s, phone_link, phone_events.put_nowait, name="phone")
+    glasses = SessionDriver(
+        glasses_s, glasses_link, glasses_events.put_nowait, name="glasses"
+    )
+    phone_s.initiate(phone.now())
+    tasks = [asyncio.create_task(phone.run()), asyncio.create_task(glasses.run())]
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(10):
+        assert isinstance(await phone_events.get(), HandshakeCompleted)
+        assert isinstance(await glasses_events.get(), HandshakeCompleted)
+        glasses.send(telemetry(1))
+        event = await phone_events.get()
+        assert isinstance(event, MessageReceived)
+        acked_at = loop.time()
+        phone.acknowledge(event.message.message_id)
+        while not isinstance(event := await glasses_events.get(), MessagesAcknowledged):
+            pass
+        waited = loop.time() - acked_at
+    assert 0.2 <= waited < 2.0  # the delay, then the timer (heartbeats: 5 s)
+    phone_link.cut()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_silent_peer_is_detected_by_supervision() -> None:
     config = SessionConfig(heartbeat_interval=0.05, supervision_timeout=0.3)
     phone_link, glasses_link = loopback_pair(244)

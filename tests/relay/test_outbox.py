@@ -697,3 +697,22 @@ async def test_a_lone_put_commits_without_waiting_for_company(db: Path) -> None:
         futures = [ob.put_soon(item(n)) for n in range(10, 14)]
         assert await asyncio.gather(*futures) == [PutOutcome.STORED] * 4
         assert (await ob.stats()).put_transactions == before + 1
+
+
+async def test_time_a_lazy_write_waits_on_the_loop_side_counts(db: Path) -> None:
+    """lazy_flush_interval bounds the whole wait: a lazy write queued to the
+    worker by a read late in its interval is not held a second interval."""
+    interval = 0.5
+    config = OutboxConfig(commit_interval=0, lazy_flush_interval=interval)
+    async with await Outbox.open(db, config) as ob:
+        await ob.put_many([item(1), item(2)])
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        lazy = ob.ack_soon([mid(1)], lazy=True)
+        await asyncio.sleep(0.8 * interval)  # held on the loop side meanwhile
+        async with asyncio.timeout(5):
+            while not lazy.done():
+                await ob.next_batch(10, 10**6)  # reads carry it to the worker
+        assert await lazy == 1
+        # Held twice it would come at 1.8 intervals.
+        assert loop.time() - started < 1.5 * interval

@@ -1726,7 +1726,8 @@ class _Peer:
             identity,
             PeerPolicy(pinned=frozenset({phone_public})),
             delivery=Delivery(limits),
-            config=SessionConfig(limits=limits),
+            # No timers here: acknowledge at once (no delayed ACK).
+            config=SessionConfig(limits=limits, ack_delay=0),
         )
         self.fragment = fragment
         self.notify: Callable[[bytearray], None] | None = None
