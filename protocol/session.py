@@ -797,7 +797,7 @@ class Session:
         queued (they ride along) or when they are due (``ack_delay``,
         ``ack_batch``; :attr:`has_output` says so).
         """
-        if self._acks and (self._link_out.pending_bytes > 0 or self._acks_ready()):
+        if self._acks and self.has_output:
             self._flush_acks()
         return self._link_out.pull(max_fragment_size)
 

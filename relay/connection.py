@@ -92,12 +92,8 @@ class SessionDriver:
         The acknowledgement goes out with the next record, or on its own
         after ``session.ack_delay`` (the session's timer says when).
         """
-        session = self.session
-        session.acknowledge(message_id, self.now())
-        if session.has_output:
-            self._kick.set()
-        else:
-            self._rearm()
+        self.session.acknowledge(message_id, self.now())
+        self._after_input()
 
     def kick(self) -> None:
         """Wake the writer after changing the session directly."""

@@ -231,27 +231,22 @@ def write_through(client: aiomqtt.Client) -> None:
     if paho is None or deferred is None or in_callback is None:
         return
     loop = asyncio.get_running_loop()
-    writing = False
 
     def register_write(paho_client: Any, userdata: Any, sock: Any) -> None:
-        nonlocal writing
-        if (
-            writing
-            or asyncio._get_running_loop() is not loop
-            or not in_callback.acquire(blocking=False)
+        # No re-entry: paho counts the socket registered until it is
+        # unregistered, so loop_write below does not call this hook again.
+        if asyncio._get_running_loop() is not loop or not in_callback.acquire(
+            blocking=False
         ):
             deferred(paho_client, userdata, sock)
             return
         in_callback.release()
-        writing = True
         try:
             paho_client.loop_write()
         except Exception:  # noqa: BLE001 - aiomqtt's writer meets it and disconnects
             failed = True
         else:
             failed = False
-        finally:
-            writing = False
         # A partial write (paho still counts the socket as registered and does
         # not call this hook again) or an error: aiomqtt's writer takes over,
         # unless the connection is gone (paho closed the socket on the error).

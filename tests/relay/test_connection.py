@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
 from typing import cast
 
 import pytest
@@ -24,7 +25,7 @@ from protocol.session import (
     SessionConfig,
     SessionEvent,
 )
-from relay.ble.loopback import loopback_pair
+from relay.ble.loopback import LoopbackLink, loopback_pair
 from relay.connection import SessionDriver
 from relay.errors import LinkError
 
@@ -67,9 +68,21 @@ def telemetry(i: int) -> Message:
     )
 
 
-async def test_traffic_both_ways_over_drivers() -> None:
+@dataclass
+class Drivers:
+    """Both ends driven over a loopback link of 20-byte fragments, running."""
+
+    phone: SessionDriver
+    glasses: SessionDriver
+    phone_events: asyncio.Queue[SessionEvent]
+    glasses_events: asyncio.Queue[SessionEvent]
+    phone_link: LoopbackLink
+    tasks: list[asyncio.Task[None]]
+
+
+def start_drivers(config: SessionConfig | None = None) -> Drivers:
     phone_link, glasses_link = loopback_pair(20)
-    phone_s, glasses_s = sessions()
+    phone_s, glasses_s = sessions(config)
     phone_events: asyncio.Queue[SessionEvent] = asyncio.Queue()
     glasses_events: asyncio.Queue[SessionEvent] = asyncio.Queue()
     phone = SessionDriver(phone_s, phone_link, phone_events.put_nowait, name="phone")
@@ -78,6 +91,14 @@ async def test_traffic_both_ways_over_drivers() -> None:
     )
     phone_s.initiate(phone.now())
     tasks = [asyncio.create_task(phone.run()), asyncio.create_task(glasses.run())]
+    return Drivers(phone, glasses, phone_events, glasses_events, phone_link, tasks)
+
+
+async def test_traffic_both_ways_over_drivers() -> None:
+    d = start_drivers()
+    phone, glasses = d.phone, d.glasses
+    phone_events, glasses_events = d.phone_events, d.glasses_events
+    glasses_s = glasses.session
     async with asyncio.timeout(10):
         assert isinstance(await phone_events.get(), HandshakeCompleted)
         assert isinstance(await glasses_events.get(), HandshakeCompleted)
@@ -97,27 +118,20 @@ async def test_traffic_both_ways_over_drivers() -> None:
             if isinstance(event, MessagesAcknowledged):
                 acked += len(event.messages)
         assert glasses_s.delivery.sender.stats.messages == 0
-    phone_link.cut()
-    results = await asyncio.gather(*tasks, return_exceptions=True)
+    d.phone_link.cut()
+    results = await asyncio.gather(*d.tasks, return_exceptions=True)
     assert all(isinstance(r, LinkError) for r in results)
 
 
 async def test_a_lone_acknowledgement_leaves_on_the_driver_timer() -> None:
     """Nothing else to send: the driver's timer sends the ACK ack_delay later
     (not at once, and not only with the next heartbeat)."""
-    phone_link, glasses_link = loopback_pair(20)
     config = SessionConfig(
         ack_delay=0.2, heartbeat_interval=5.0, supervision_timeout=10
     )
-    phone_s, glasses_s = sessions(config)
-    phone_events: asyncio.Queue[SessionEvent] = asyncio.Queue()
-    glasses_events: asyncio.Queue[SessionEvent] = asyncio.Queue()
-    phone = SessionDriver(phone_s, phone_link, phone_events.put_nowait, name="phone")
-    glasses = SessionDriver(
-        glasses_s, glasses_link, glasses_events.put_nowait, name="glasses"
-    )
-    phone_s.initiate(phone.now())
-    tasks = [asyncio.create_task(phone.run()), asyncio.create_task(glasses.run())]
+    d = start_drivers(config)
+    phone, glasses = d.phone, d.glasses
+    phone_events, glasses_events = d.phone_events, d.glasses_events
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(10):
         assert isinstance(await phone_events.get(), HandshakeCompleted)
@@ -131,8 +145,8 @@ async def test_a_lone_acknowledgement_leaves_on_the_driver_timer() -> None:
             pass
         waited = loop.time() - acked_at
     assert 0.2 <= waited < 2.0  # the delay, then the timer (heartbeats: 5 s)
-    phone_link.cut()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    d.phone_link.cut()
+    await asyncio.gather(*d.tasks, return_exceptions=True)
 
 
 async def test_silent_peer_is_detected_by_supervision() -> None:

@@ -526,12 +526,10 @@ class Gateway:
                     state.last_ack = now
                 elif later is None or at < later:
                     later = at
-            if wake is not None and wake.when() <= now:
-                wake = None  # it has fired (or is about to)
-            if later is not None and (wake is None or wake.when() > later):
-                if wake is not None:
-                    wake.cancel()
-                wake = loop.call_at(later, self._ack_ready.set)
+            # One timer, for the earliest device held back.
+            if wake is not None:
+                wake.cancel()
+            wake = None if later is None else loop.call_at(later, self._ack_ready.set)
             if due:
                 async with asyncio.TaskGroup() as group:
                     for device, ids in due:
