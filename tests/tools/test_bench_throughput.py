@@ -17,7 +17,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tools.bench.throughput import _Sent, _Tally, _Window
+from tools.bench.throughput import (
+    _Sent,
+    _Tally,
+    _Window,
+    reference_summary,
+    reference_workload,
+)
 
 SCRIPT = Path(sys.executable).parent / "glasses-relay"
 FIELDS = (
@@ -53,6 +59,9 @@ def check_relay(figures: dict[str, Any]) -> None:
     assert isinstance(latency, dict)
     assert set(latency) >= {"p50", "p99"}
     assert 0 < latency["p50"] <= latency["p99"]
+    reference = figures["reference_ms"]  # the machine's speed over the window
+    assert reference["samples"] >= 1
+    assert 0 < reference["p10"] <= reference["p50"] <= reference["p90"]
 
 
 @pytest.mark.timeout(150)
@@ -144,3 +153,15 @@ def test_tally_counts_loss_duplicates_and_reordering() -> None:
     assert tally.reordered == 1
     assert tally.bytes_delivered == 300
     assert tally.latency_ms()["p50"] == pytest.approx(30.0, abs=0.01)
+
+
+def test_reference_workload_times_itself_and_summarises() -> None:
+    assert reference_workload(20_000) > 0
+    summary = reference_summary([float(ms) for ms in range(20, 0, -1)])
+    assert summary == {"p10": 3.0, "p50": 11.0, "p90": 19.0, "samples": 20}
+    assert reference_summary([]) == {
+        "p10": None,
+        "p50": None,
+        "p90": None,
+        "samples": 0,
+    }

@@ -136,6 +136,10 @@ _SAMPLE_S: Final = 0.003
 _GLASSES_WINDOW_S: Final = 0.25
 """Emulated glasses keep this much link time unacknowledged at most, so their
 queue stays short (nothing ages past the session's resend timer)."""
+_REFERENCE_LOOPS: Final = 60_000
+"""Iterations of the reference workload (about 10 ms on an uncontended core
+of the machine in docs/benchmarks.md)."""
+_REFERENCE_EVERY_S: Final = 0.5
 _MB: Final = 1_000_000
 _FAKE_ADDRESS: Final = "C0:FF:EE:00:BE:01"
 _FAKE_NAME: Final = f"{NAME_PREFIX}-bench"
@@ -221,6 +225,8 @@ class RelayFigures:
     queued_at_end: int = 0
     gateway_cpu_fraction: float | None = None
     broker_cpu_fraction: float | None = None
+    reference_ms: dict[str, float | None] = field(default_factory=dict)
+    """The reference workload's CPU ms over the window (p10, p50, p90)."""
     hot_spots: list[tuple[str, float]] = field(default_factory=list)
     hot_spots_own: list[tuple[str, float]] = field(default_factory=list)
     resources: dict[str, object] = field(default_factory=dict)
@@ -471,6 +477,92 @@ def proc_status(pid: int) -> dict[str, int]:
 
 def _rss_mb(kb: int) -> float:
     return round(kb * 1024 / _MB, 1)
+
+
+# -- the reference workload: how fast the machine ran during a window ------------
+
+
+def reference_workload(loops: int = _REFERENCE_LOOPS) -> float:
+    """Run a fixed pure-Python workload; return the CPU milliseconds it took.
+
+    Dictionary stores and lookups, the interpreter's everyday work: a core
+    shared with a busy neighbour (a hyperthread sibling on a cloud host, a
+    noisy VM) runs it, like the daemon, more slowly, and CPU time counts
+    that slowness as use.
+    """
+    started = time.thread_time()
+    table: dict[int, int] = {}
+    total = 0
+    for i in range(loops):
+        table[i & 1023] = i
+        total += table.get((i >> 3) & 1023, 0)
+    return (time.thread_time() - started) * 1000.0
+
+
+def reference_main(argv: Sequence[str]) -> int:
+    """``python -m tools.bench.throughput reference SECONDS``.
+
+    Runs :func:`reference_workload` every 0.5 s for ``SECONDS`` (about 2%
+    of a core) and prints the times in milliseconds as one JSON list.
+    """
+    parser = argparse.ArgumentParser(prog="throughput reference")
+    parser.add_argument("seconds", type=float)
+    args = parser.parse_args(argv)
+    end = time.monotonic() + args.seconds
+    times: list[float] = []
+    while time.monotonic() < end:
+        times.append(round(reference_workload(), 3))
+        time.sleep(_REFERENCE_EVERY_S)
+    sys.stdout.write(json.dumps(times) + "\n")
+    return 0
+
+
+class _Reference:
+    """The reference workload, timed in its own process over one window."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Start timing (at the window's start)."""
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tools.bench.throughput",
+            "reference",
+            str(self._seconds),
+            cwd=_ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+
+    async def result(self) -> dict[str, float | None]:
+        """Percentiles of the times, in ms; empty if the process failed."""
+        proc = self._proc
+        if proc is None:
+            return {}
+        try:
+            async with asyncio.timeout(self._seconds + 30):
+                out, _ = await proc.communicate()
+            times = sorted(float(t) for t in json.loads(out or b"[]"))
+        except (TimeoutError, ValueError, TypeError):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            return {}
+        return reference_summary(times)
+
+
+def reference_summary(times: Sequence[float]) -> dict[str, float | None]:
+    """p10, p50 and p90 of the reference times (ms) and how many there were."""
+    ordered = sorted(times)
+    if not ordered:
+        return {"p10": None, "p50": None, "p90": None, "samples": 0}
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    return {"p10": at(0.1), "p50": at(0.5), "p90": at(0.9), "samples": len(ordered)}
 
 
 # -- the sampler: who spends the daemon's CPU ------------------------------------
@@ -1385,6 +1477,7 @@ class _Measured:
     status_end: dict[str, int]
     gateway_cpu: float | None
     broker_cpu: float | None
+    reference_ms: dict[str, float | None]
 
 
 async def _e2e_relay(
@@ -1495,6 +1588,8 @@ async def _e2e_window(
     status_start = proc_status(daemon.pid)
     others = _Cpu([cloud.gateway])
     broker_start = cloud.broker_cpu_s()
+    reference = _Reference(spec.duration)
+    await reference.start()
     await _sleep_with_progress(spec, spec.duration, ledger, label)
     end = time.time()
     cpu_end = proc_cpu_s(daemon.pid)
@@ -1516,6 +1611,7 @@ async def _e2e_window(
         status_end,
         gateway_cpu,
         broker_cpu,
+        await reference.result(),
     )
 
 
@@ -1579,6 +1675,7 @@ def _e2e_figures(
         _rss_mb(measured.status_end["VmHWM"]),
         gateway_cpu=measured.gateway_cpu,
         broker_cpu=measured.broker_cpu,
+        reference_ms=measured.reference_ms,
         hot=[(str(k), float(v)) for k, v in sampler.get("top", [])],
         hot_own=[(str(k), float(v)) for k, v in sampler.get("top_own", [])],
         resources=resources,
@@ -1597,6 +1694,7 @@ def _figures(
     *,
     gateway_cpu: float | None,
     broker_cpu: float | None,
+    reference_ms: dict[str, float | None],
     hot: list[tuple[str, float]],
     hot_own: list[tuple[str, float]],
     resources: dict[str, object],
@@ -1644,6 +1742,7 @@ def _figures(
         queued_at_end=tally.queued,
         gateway_cpu_fraction=None if gateway_cpu is None else round(gateway_cpu, 4),
         broker_cpu_fraction=None if broker_cpu is None else round(broker_cpu, 4),
+        reference_ms=reference_ms,
         hot_spots=hot,
         hot_spots_own=hot_own,
         resources=resources,
@@ -2143,6 +2242,8 @@ async def _pipeline_relay(
         others = _Cpu([cloud.gateway])
         broker_start = cloud.broker_cpu_s()
         pump_start = dataclasses.replace(daemon.cloud.stats)
+        reference = _Reference(spec.duration)
+        await reference.start()
         sampler.active = True
         with _cprofiled(_cprofile_path(spec, relay)):
             await _pipeline_sleep(spec, spec.duration, daemon, label, injecting)
@@ -2158,6 +2259,7 @@ async def _pipeline_relay(
         await injecting
         injecting = asyncio.create_task(injector.keep_alive(), name="bench keep-alive")
         (gateway_cpu,) = others.fractions(end - start) or [None]
+        reference_ms = await reference.result()
         broker_end = cloud.broker_cpu_s()
         broker_cpu = (
             None
@@ -2211,6 +2313,7 @@ async def _pipeline_relay(
         _rss_mb(status["VmHWM"]),
         gateway_cpu=gateway_cpu,
         broker_cpu=broker_cpu,
+        reference_ms=reference_ms,
         hot=sampler.top(),
         hot_own=sampler.top_own(),
         resources={
@@ -2396,6 +2499,14 @@ def print_result(result: ThroughputResult) -> None:
             [f"{r.lost} / {r.duplicated} / {r.reordered}" for r in relays],
         ),
         ("queued at end", [f"{r.queued_at_end:,}" for r in relays]),
+        (
+            "reference p50/p10",
+            [
+                f"{num(r.reference_ms.get('p50'), '.1f')} / "
+                f"{num(r.reference_ms.get('p10'), '.1f')} ms"
+                for r in relays
+            ],
+        ),
     ]
     if result.mode == "pipeline":
         rows.insert(
@@ -2428,13 +2539,17 @@ def print_result(result: ThroughputResult) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry of ``python -m tools.bench.throughput probe|glasses ...`` (children)."""
+    """Entry of ``python -m tools.bench.throughput probe|glasses|reference ...``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["probe"]:
         return probe_main(args[1:])
     if args[:1] == ["glasses"]:
         return glasses_main(args[1:])
-    sys.stderr.write("usage: python -m tools.bench.throughput probe|glasses ...\n")
+    if args[:1] == ["reference"]:
+        return reference_main(args[1:])
+    sys.stderr.write(
+        "usage: python -m tools.bench.throughput probe|glasses|reference ...\n"
+    )
     return 2
 
 
