@@ -69,8 +69,8 @@ PAIRING_FILE: Final = "pairing.txt"
 AUDIO_FRAMES_PER_CHUNK: Final = 10
 """LC3 frames per AUDIO_CHUNK message: 100 ms of speech."""
 PHOTO_CHUNK_BYTES: Final = 4096
-REQUESTS_KEPT: Final = 1024
-"""Open requests remembered for answer times and the ledger."""
+REQUESTS_KEPT: Final = 4096
+"""Default of :attr:`GlassesAppConfig.requests_kept`."""
 PAIRING_LOOK_SECONDS: Final = 3.0
 """How long a connected, unpaired pair of glasses looks for a pairing code."""
 
@@ -138,6 +138,11 @@ class GlassesAppConfig:
         faults: Faults to inject.
         max_requests: Stop the scenario after this many requests (None: never).
         max_messages: Stop the scenario after this many messages (None: never).
+        requests_kept: Requests remembered for answer times and the ledger's
+            ``answered`` events; beyond it the oldest are forgotten (an answer
+            to a forgotten request is still acknowledged, not logged). Above
+            the requests one chaos or soak run asks (the stress scenario's
+            1,111), so none is forgotten before its answer can arrive.
     """
 
     scenario: str | None = "day"
@@ -148,6 +153,7 @@ class GlassesAppConfig:
     faults: tuple[Fault, ...] = ()
     max_requests: int | None = None
     max_messages: int | None = None
+    requests_kept: int = REQUESTS_KEPT
 
 
 @dataclass(slots=True)
@@ -594,8 +600,9 @@ class GlassesApp:
         self.asked[rid] = (ask.kind, time.monotonic())
         request_message = _reliable(MessageKind.REQUEST, request.encode(), rid)
         self._request_ids[rid] = request_message.message_id
-        for table in (self._asked, self._request_ids, self.asked):
-            while len(table) > REQUESTS_KEPT:
+        kept = self.config.requests_kept
+        for table in (self._asked, self._request_ids, self.asked, self.answer_times):
+            while len(table) > kept:
                 del table[next(iter(table))]
         await self._send(request_message)
         if photo:
