@@ -122,6 +122,9 @@ _BUSY_TIMEOUT_S: Final = 5.0
 _WAL_SIZE_LIMIT: Final = 8 * 1024 * 1024
 _SQL_CHUNK: Final = 500  # ids per IN (...) clause; far below SQLite's variable limit
 _MAX_WRITES: Final = 256  # queued write requests folded into one transaction
+_CHECKPOINT_COMMITS: Final = 64
+"""With inline commits: commits between the worker's WAL checkpoints (SQLite's
+own, run by whichever thread commits, is off so that none runs on the loop)."""
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -241,6 +244,9 @@ class OutboxConfig:
             from the cloud link) waits for another transaction to ride on
             before it gets one of its own.
         synchronous: SQLite ``synchronous`` mode (``NORMAL`` or ``FULL``).
+        inline_commit: With ``NORMAL``, commit a lone put on the event loop's
+            thread when the worker has nothing to do (see the module
+            docstring); ``False`` sends every request to the worker.
     """
 
     max_bytes: int = 64 * 1024 * 1024
@@ -250,6 +256,7 @@ class OutboxConfig:
     commit_max_batch: int = 256
     lazy_flush_interval: float = 0.1
     synchronous: Synchronous = Synchronous.NORMAL
+    inline_commit: bool = True
 
     def __post_init__(self) -> None:
         """Validate the limits.
@@ -392,6 +399,8 @@ class _State:
     dropped_age: int = 0
     transactions: int = 0
     put_transactions: int = 0
+    inline_transactions: int = 0
+    checkpoints: int = 0
 
 
 def _chunks(ids: Sequence[bytes]) -> Iterator[Sequence[bytes]]:
@@ -431,13 +440,17 @@ def _secure_file(path: Path, *, create: bool) -> None:
         os.close(fd)
 
 
-def _configure(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
+def _configure(
+    conn: sqlite3.Connection, synchronous: Synchronous, *, autocheckpoint: bool
+) -> None:
     """Set the pragmas and check that the file is WAL with a known schema."""
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise OutboxStorageError(f"cannot enable WAL (journal_mode={mode})")
     conn.execute(f"PRAGMA synchronous={Synchronous(synchronous)}")
     conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+    if not autocheckpoint:
+        conn.execute("PRAGMA wal_autocheckpoint=0")
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version not in (0, _SCHEMA_VERSION):
         raise OutboxStorageError(f"unknown outbox schema version {version}")
@@ -452,6 +465,11 @@ class _Store:
         self._conn: sqlite3.Connection | None = None
         self._refusing = False
         self.state = _State()
+        self.inline = config.inline_commit and (
+            Synchronous(config.synchronous) is Synchronous.NORMAL
+        )
+        """Lone puts may commit on the loop's thread; checkpoints are ours."""
+        self.commits_since_checkpoint = 0
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -463,12 +481,17 @@ class _Store:
         _secure_file(self._path, create=True)
         for suffix in ("-wal", "-shm"):
             _secure_file(self._path.with_name(self._path.name + suffix), create=False)
+        # Used by the worker, and with inline commits by the loop's thread while
+        # the worker has nothing to do (Outbox._queue_puts): never at once.
         conn = sqlite3.connect(
-            self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None
+            self._path,
+            timeout=_BUSY_TIMEOUT_S,
+            isolation_level=None,
+            check_same_thread=not self.inline,
         )
         self._conn = conn
         try:
-            _configure(conn, self._config.synchronous)
+            _configure(conn, self._config.synchronous, autocheckpoint=not self.inline)
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             rows, total = conn.execute(
@@ -508,6 +531,22 @@ class _Store:
                     conn.execute("ROLLBACK")
             raise
         self.state.transactions += 1
+        self.commits_since_checkpoint += 1
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file (PASSIVE: waits for no reader)."""
+        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        self.commits_since_checkpoint = 0
+        self.state.checkpoints += 1
+
+    def checkpoint_if_due(self) -> None:
+        """Checkpoint after ``_CHECKPOINT_COMMITS`` commits; a failure is logged."""
+        if self.inline and self.commits_since_checkpoint >= _CHECKPOINT_COMMITS:
+            self.commits_since_checkpoint = 0
+            try:
+                self.checkpoint()
+            except sqlite3.Error as exc:  # the WAL just grows until the next try
+                logger.warning("outbox WAL checkpoint failed: %s", exc)
 
     def _fits(self, size: int) -> bool:
         st = self.state
@@ -853,6 +892,12 @@ class Outbox:
         self._dropped_seen = 0
         self._lazy: list[_IdsRequest] = []  # lazy writes not yet queued (loop side)
         self._lazy_timer: asyncio.TimerHandle | None = None
+        # Requests queued whose completion has not yet run on the loop: while
+        # any is, puts go to the worker (in order); at 0 the worker is idle.
+        self._outstanding = 0
+        self._inline_this_turn = False  # one inline commit per loop iteration
+        self._checkpoint_queued = False
+        self._store_lock = threading.Lock()  # held while the store is in use
         self._stored_listeners: list[Callable[[], None]] = []
         self._debug = logger.isEnabledFor(logging.DEBUG)
 
@@ -888,7 +933,7 @@ class Outbox:
             await outbox._opened
         except BaseException:  # failed, or cancelled while the worker was opening
             outbox._closing = outbox._closed = True
-            outbox._requests.put(_Stop(loop.create_future()))
+            outbox._enqueue(_Stop(loop.create_future()))
             await asyncio.to_thread(outbox._thread.join)
             raise
         return outbox
@@ -1193,7 +1238,7 @@ class Outbox:
                 )
         else:
             self._flush_lazy()
-            self._requests.put(_IdsRequest(op, unique, future, lazy))
+            self._enqueue(_IdsRequest(op, unique, future, lazy))
         return future
 
     def _flush_lazy(self, due: bool = False) -> None:
@@ -1212,7 +1257,7 @@ class Outbox:
         for request in held:
             if due:
                 request.lazy = False
-            self._requests.put(request)
+            self._enqueue(request)
 
     async def rows_with_topic(
         self, topic: str, limit: int = 500
@@ -1370,7 +1415,7 @@ class Outbox:
         self._flush_lazy()
         self._closing = True
         done: asyncio.Future[None] = self._loop.create_future()
-        self._requests.put(_Stop(done))
+        self._enqueue(_Stop(done))
         self._nonempty.set()
         for listener in tuple(self._stored_listeners):
             listener()
@@ -1387,12 +1432,26 @@ class Outbox:
         if self._closing:
             raise OutboxClosedError("outbox is closed")
 
-    def _post(self, callback: Callable[..., object], *args: object) -> None:
-        """Run ``callback(*args)`` on the loop; called from the worker thread."""
+    def _enqueue(self, request: _Request) -> None:
+        """Hand ``request`` to the worker (loop thread); it completes it once."""
+        self._outstanding += 1
+        self._requests.put(request)
+
+    def _post(self, done: int, callback: Callable[..., object], *args: object) -> None:
+        """Run ``callback(*args)`` on the loop, where ``done`` queued requests end.
+
+        Called from the worker thread.
+        """
         try:
-            self._loop.call_soon_threadsafe(callback, *args)
+            self._loop.call_soon_threadsafe(self._finish, done, callback, args)
         except RuntimeError:  # the loop is closed; nobody is waiting any more
             logger.debug("event loop closed; outbox result dropped")
+
+    def _finish(
+        self, done: int, callback: Callable[..., object], args: tuple[object, ...]
+    ) -> None:
+        self._outstanding -= done
+        callback(*args)
 
     def _observe(self, rows: int, stored: int) -> None:
         """Update the wake-up events after a request completed (loop thread)."""
@@ -1414,13 +1473,70 @@ class Outbox:
                 raise EnvelopeTooLargeError(len(item.envelope), self._config.max_bytes)
         now = self._clock()
         step = self._config.commit_max_batch
+        if (
+            self._store.inline
+            and self._outstanding == 0
+            and not self._inline_this_turn
+            and len(items) <= step
+            and self._store_lock.acquire(blocking=False)
+        ):
+            try:
+                return [self._commit_inline(items, now)]
+            finally:
+                self._store_lock.release()
         futures: list[asyncio.Future[list[PutOutcome]]] = []
         self._flush_lazy()
         for start in range(0, len(items), step):
             future: asyncio.Future[list[PutOutcome]] = self._loop.create_future()
-            self._requests.put(_PutRequest(items[start : start + step], now, future))
+            self._enqueue(_PutRequest(items[start : start + step], now, future))
             futures.append(future)
         return futures
+
+    def _commit_inline(
+        self, items: Sequence[OutboxItem], now: float
+    ) -> asyncio.Future[list[PutOutcome]]:
+        """Commit a lone put (and the lazy writes held here) on the loop's thread.
+
+        Only while the worker has nothing queued or in hand, at most once per
+        loop iteration (a burst goes to the worker, which groups it, and a
+        caller putting in a loop still yields). Spares the hand-off to the
+        worker and back (two thread wake-ups, the loop's self-pipe), which
+        at a low rate cost more than the transaction (docs/benchmarks.md).
+        """
+        self._inline_this_turn = True
+        self._loop.call_soon(self._next_turn)
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        future: asyncio.Future[list[PutOutcome]] = self._loop.create_future()
+        batch: list[_WriteRequest] = [*self._lazy, _PutRequest(items, now, future)]
+        self._lazy = []
+        store = self._store
+        outcome = self._write_batch(store, batch, len(items))
+        if outcome is not None:
+            store.state.inline_transactions += 1
+            self._complete_writes(batch, *outcome)
+            if store.commits_since_checkpoint >= _CHECKPOINT_COMMITS:
+                self._queue_checkpoint()
+        return future
+
+    def _next_turn(self) -> None:
+        self._inline_this_turn = False
+
+    def _queue_checkpoint(self) -> None:
+        """Have the worker checkpoint the WAL (never on the loop's thread)."""
+        if self._checkpoint_queued:
+            return
+        self._checkpoint_queued = True
+
+        def run(store: _Store) -> None:
+            store.checkpoint_if_due()
+            self._post(1, self._checkpointed)
+
+        self._enqueue(_Job(run))
+
+    def _checkpointed(self) -> None:
+        self._checkpoint_queued = False
 
     async def _submit_puts(self, items: Sequence[OutboxItem]) -> list[PutOutcome]:
         futures = self._queue_puts(items)
@@ -1441,11 +1557,11 @@ class Outbox:
                 except (sqlite3.Error, OSError) as exc:
                     raise _storage_error(exc) from exc
             except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
-                self._post(_set_exception, future, exc)
+                self._post(1, _set_exception, future, exc)
                 return
-            self._post(self._complete, future, result, store.state.rows)
+            self._post(1, self._complete, future, result, store.state.rows)
 
-        self._requests.put(_Job(run))
+        self._enqueue(_Job(run))
         return await future
 
     def _complete(self, future: asyncio.Future[_T], result: _T, rows: int) -> None:
@@ -1481,9 +1597,9 @@ class Outbox:
             except (sqlite3.Error, OSError) as exc:
                 raise _storage_error(exc) from exc
         except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
-            self._post(_set_exception, self._opened, exc)
+            self._post(0, _set_exception, self._opened, exc)
             return
-        self._post(self._complete, self._opened, None, store.state.rows)
+        self._post(0, self._complete, self._opened, None, store.state.rows)
         carried: _Request | None = None
         while True:
             if carried is not None:
@@ -1494,27 +1610,30 @@ class Outbox:
                         timeout=max(0.0, self._held_until - time.monotonic())
                     )
                 except queue.Empty:
-                    self._write(store, [], 0)  # held lazy writes waited enough
+                    with self._store_lock:
+                        self._write(store, [], 0)  # held lazy writes waited enough
                     continue
             else:
                 request = self._requests.get()
             carried = None
-            if isinstance(request, _PutRequest | _IdsRequest):
-                carried = self._serve_writes(store, request)
-            elif isinstance(request, _Job):
-                if self._held and time.monotonic() >= self._held_until:
-                    self._write(store, [], 0)  # due before this read
-                request.run(store)
-            else:
-                if self._held:
-                    self._write(store, [], 0)  # lazy writes still held
-                try:
-                    store.close()
-                except sqlite3.Error as exc:
-                    self._post(_set_exception, request.future, _storage_error(exc))
+            with self._store_lock:  # an inline commit never overlaps (see there)
+                if isinstance(request, _PutRequest | _IdsRequest):
+                    carried = self._serve_writes(store, request)
+                elif isinstance(request, _Job):
+                    if self._held and time.monotonic() >= self._held_until:
+                        self._write(store, [], 0)  # due before this read
+                    request.run(store)
                 else:
-                    self._post(_set_result, request.future, None)
-                return
+                    if self._held:
+                        self._write(store, [], 0)  # lazy writes still held
+                    try:
+                        store.close()
+                    except sqlite3.Error as exc:
+                        error = _storage_error(exc)
+                        self._post(1, _set_exception, request.future, error)
+                    else:
+                        self._post(1, _set_result, request.future, None)
+                    return
 
     def _serve_writes(self, store: _Store, first: _WriteRequest) -> _Request | None:
         """Gather queued writes into one transaction; return a read met meanwhile.
@@ -1572,6 +1691,24 @@ class Outbox:
         if self._held:
             batch = [*self._held, *batch]
             self._held.clear()
+        outcome = self._write_batch(store, batch, count, post=True)
+        if outcome is not None:
+            self._post(len(batch), self._complete_writes, batch, *outcome)
+            store.checkpoint_if_due()
+
+    def _write_batch(
+        self,
+        store: _Store,
+        batch: Sequence[_WriteRequest],
+        count: int,
+        *,
+        post: bool = False,
+    ) -> tuple[list[object], int, int, int] | None:
+        """Commit ``batch``; return what :meth:`_complete_writes` takes after it.
+
+        That is (results, rows, stored, dropped); None after failing every
+        request's future instead (through the loop when ``post``: the worker).
+        """
         started = time.perf_counter()
         try:
             try:
@@ -1581,8 +1718,12 @@ class Outbox:
         except Exception as exc:  # handed to the awaiting callers
             logger.exception("outbox group commit of %d rows failed", count)
             for request in batch:
-                self._post(_set_exception, request.future, exc)
-            return
+                future: asyncio.Future[Any] = request.future
+                if post:
+                    self._post(1, _set_exception, future, exc)
+                else:
+                    _set_exception(future, exc)
+            return None
         if self._debug:
             logger.debug(
                 "committed %d new rows from %d writes in %.2f ms",
@@ -1597,11 +1738,4 @@ class Outbox:
             for o in outcomes
         )
         st = store.state
-        self._post(
-            self._complete_writes,
-            batch,
-            results,
-            st.rows,
-            stored,
-            st.dropped_expired + st.dropped_age,
-        )
+        return results, st.rows, stored, st.dropped_expired + st.dropped_age

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sqlite3
 import stat
 import sys
 import textwrap
@@ -15,6 +17,7 @@ import pytest
 
 import relay
 from relay.outbox import (
+    _CHECKPOINT_COMMITS,
     EnvelopeTooLargeError,
     ExpireResult,
     Outbox,
@@ -150,7 +153,8 @@ async def test_mark_attempt(outbox: Outbox) -> None:
 async def test_queued_puts_acks_and_marks_share_one_transaction(
     db: Path, clock: FakeClock
 ) -> None:
-    config = OutboxConfig(commit_interval=0.05)
+    # The worker's batching (a lone put would otherwise commit inline).
+    config = OutboxConfig(commit_interval=0.05, inline_commit=False)
     async with await Outbox.open(db, config, clock=clock) as ob:
         await ob.put_many([item(1), item(2)])
         before = (await ob.stats()).transactions
@@ -684,11 +688,15 @@ async def test_rows_stored_since_says_ask_the_store_after_rows_left(
     assert [r.msg_id for r in fresh] == [mid(5)]
 
 
-async def test_a_lone_put_commits_without_waiting_for_company(db: Path) -> None:
+@pytest.mark.parametrize("inline", [False, True])
+async def test_a_lone_put_commits_without_waiting_for_company(
+    db: Path, inline: bool
+) -> None:
     """At a slow steady rate the group-commit wait would only add latency: a
     put that finds no other queued commits at once, even with a long
-    commit_interval; puts that come together still share a transaction."""
-    config = OutboxConfig(commit_interval=1.0)
+    commit_interval; puts that come together still share a transaction
+    (with inline commits, all but the first: it found the worker idle)."""
+    config = OutboxConfig(commit_interval=1.0, inline_commit=inline)
     async with await Outbox.open(db, config) as ob:
         async with asyncio.timeout(0.9):  # each would wait 1 s before
             for n in range(3):
@@ -696,7 +704,9 @@ async def test_a_lone_put_commits_without_waiting_for_company(db: Path) -> None:
         before = (await ob.stats()).put_transactions
         futures = [ob.put_soon(item(n)) for n in range(10, 14)]
         assert await asyncio.gather(*futures) == [PutOutcome.STORED] * 4
-        assert (await ob.stats()).put_transactions == before + 1
+        assert (await ob.stats()).put_transactions == before + 1 + inline
+        order = [item(n).msg_id for n in (0, 1, 2, 10, 11, 12, 13)]
+        assert await all_ids(ob) == order
 
 
 async def test_time_a_lazy_write_waits_on_the_loop_side_counts(db: Path) -> None:
@@ -716,3 +726,66 @@ async def test_time_a_lazy_write_waits_on_the_loop_side_counts(db: Path) -> None
         assert await lazy == 1
         # Held twice it would come at 1.8 intervals.
         assert loop.time() - started < 1.5 * interval
+
+
+def rows_on_disk(db: Path) -> int:
+    """Rows a second connection sees: what has committed, whoever committed it."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM outbox").fetchone()
+    return int(count)
+
+
+async def test_a_lone_put_commits_inline_with_the_lazy_writes_it_carries(
+    db: Path,
+) -> None:
+    """With synchronous=NORMAL a put that finds the worker idle commits on the
+    loop's thread before put_soon returns, taking the lazy writes held on the
+    loop side into its transaction; FULL, or inline_commit=False, never do."""
+    async with await Outbox.open(db, OutboxConfig(lazy_flush_interval=10)) as ob:
+        assert await ob.put(item(1))
+        await asyncio.sleep(0)  # a new loop iteration
+        before = (await ob.stats()).transactions
+        await asyncio.sleep(0)
+        inline_before = ob._store.state.inline_transactions
+        mark = ob.mark_attempt_soon([mid(1)], lazy=True)
+        put = ob.put_soon(item(2))
+        assert ob._store.state.inline_transactions == inline_before + 1
+        assert rows_on_disk(db) == 2  # committed already, not awaited
+        assert await put is PutOutcome.STORED
+        assert await mark == 1
+        assert (await ob.stats()).transactions == before + 1
+        rows = {r.msg_id: r.attempts for r in await ob.next_batch(10, 10**6)}
+        assert rows == {mid(1): 1, mid(2): 0}
+    for config in (
+        OutboxConfig(synchronous=Synchronous.FULL),
+        OutboxConfig(inline_commit=False),
+    ):
+        async with await Outbox.open(db, config) as ob:
+            assert not ob._store.inline
+
+
+async def test_a_put_behind_queued_work_waits_its_turn_in_order(db: Path) -> None:
+    """While the worker has a request, a put goes to it too: order is kept."""
+    async with await Outbox.open(db, OutboxConfig(commit_interval=0)) as ob:
+        await ob.put_many([item(1), item(2)])
+        await asyncio.sleep(0)
+        ack = ob.ack_soon([mid(1)])  # queued to the worker, not yet done
+        puts = [ob.put_soon(item(n)) for n in (3, 4)]
+        assert ob._outstanding == 3  # all with the worker
+        outcomes = await asyncio.gather(ack, *puts)
+        assert outcomes == [1, PutOutcome.STORED, PutOutcome.STORED]
+        assert await all_ids(ob) == [mid(2), mid(3), mid(4)]
+
+
+async def test_inline_commits_leave_wal_checkpoints_to_the_worker(db: Path) -> None:
+    """SQLite's automatic checkpoint is off with inline commits (it would run
+    on the loop's thread); the worker checkpoints every _CHECKPOINT_COMMITS."""
+    async with await Outbox.open(db, OutboxConfig(commit_interval=0)) as ob:
+        for n in range(2 * _CHECKPOINT_COMMITS + 2):
+            assert await ob.put(item(n))
+            await asyncio.sleep(0)
+        await ob.stats()  # served after any checkpoint queued before it
+        state = ob._store.state
+        assert state.inline_transactions > _CHECKPOINT_COMMITS
+        assert state.checkpoints >= 1
+        assert ob._store.commits_since_checkpoint < _CHECKPOINT_COMMITS + 2
