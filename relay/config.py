@@ -390,6 +390,7 @@ KEYS: Final[tuple[Key, ...]] = (
         _Choice(("normal", "full")),
         _OUTBOX.synchronous.lower(),
     ),
+    Key("outbox", "inline_commit", _Bool(), _OUTBOX.inline_commit),
     Key("cloud", "max_in_flight", _POSITIVE, _CLOUD.max_in_flight),
     Key("cloud", "batch_items", _Int(1, 1024), _CLOUD.batch_items),
     Key("cloud", "batch_bytes", _Int(1024, 512 * 1024, "bytes"), _CLOUD.batch_bytes),
@@ -853,6 +854,7 @@ def _build(
                 commit_max_batch=v.get_int("outbox.commit_max_batch"),
                 lazy_flush_interval=v.get_float("outbox.lazy_flush_interval"),
                 synchronous=Synchronous(v.get_str("outbox.synchronous").upper()),
+                inline_commit=v.get_bool("outbox.inline_commit"),
             ),
             cloud=CloudConfig(
                 max_in_flight=v.get_int("cloud.max_in_flight"),

@@ -7,11 +7,25 @@ gateway's *signed* end-to-end acknowledgement (never on an MQTT PUBACK). The env
 bytes are stored and resent unchanged; they are never logged.
 
 Storage and threading:
-    One SQLite file in WAL mode, owned by a single worker thread that holds the only
-    connection (``sqlite3`` connections are thread-bound). The event loop talks to the
-    worker through a FIFO queue and awaits futures; no SQLite call runs on the loop.
-    Requests are handled in submission order, so a ``put`` that returned is visible to
-    every later ``next_batch``.
+    One SQLite file in WAL mode and one connection, used by a worker thread. The
+    event loop talks to the worker through a FIFO queue and awaits futures. Requests
+    are handled in submission order, so a ``put`` that returned is visible to every
+    later ``next_batch``.
+
+Inline commits (``OutboxConfig.inline_commit``, with ``synchronous = NORMAL`` only):
+    A put that finds the worker with nothing queued or in hand (every request handed
+    to it has completed on the loop) commits on the event loop's thread instead,
+    with the lazy writes held on the loop side, at most once per loop iteration (a
+    burst goes to the worker, which groups it; a caller putting in a loop still
+    yields). At a low rate (39 puts a second at the android-2m link rate) the hand-off
+    to the worker and back, two thread wake-ups after an idle gap, cost more CPU than
+    the transaction itself (docs/benchmarks.md, ``tools.bench.coldpath``). The two
+    threads never use the connection at once: the worker holds a lock while it
+    serves a request, and posts what it completed only after releasing it. SQLite's
+    automatic checkpoint, which runs in whichever thread commits, is off then; the
+    worker checkpoints every ``_CHECKPOINT_COMMITS`` commits or
+    ``_CHECKPOINT_BYTES`` of envelopes, so no fsync ever runs on the loop. With
+    ``FULL`` every commit fsyncs, so every request goes to the worker.
 
 Rows just stored, in memory:
     The sender reads what to send with :meth:`Outbox.next_rows`, a query on the
@@ -63,7 +77,8 @@ Limits and policy when full (named in :class:`OutboxConfig`):
     and ``OutboxFullError.realtime`` is set); it is never acknowledged as durable.
     A duplicate of a stored row is recognised even when the outbox is full.
     ``max_bytes`` bounds the sum of envelope sizes; the file itself tracks the peak
-    (SQLite reuses freed pages) plus a bounded WAL.
+    (SQLite reuses freed pages) plus a bounded WAL (SQLite's automatic checkpoint,
+    or the worker's every ``_CHECKPOINT_BYTES``, then ``journal_size_limit``).
 
 Time:
     ``clock`` (default :func:`time.time`) gives wall-clock seconds; it is stored in the
@@ -125,6 +140,8 @@ _MAX_WRITES: Final = 256  # queued write requests folded into one transaction
 _CHECKPOINT_COMMITS: Final = 64
 """With inline commits: commits between the worker's WAL checkpoints (SQLite's
 own, run by whichever thread commits, is off so that none runs on the loop)."""
+_CHECKPOINT_BYTES: Final = 4 * 1024 * 1024
+"""... or envelope bytes stored, whichever comes first (bounds the WAL)."""
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -245,8 +262,8 @@ class OutboxConfig:
             before it gets one of its own.
         synchronous: SQLite ``synchronous`` mode (``NORMAL`` or ``FULL``).
         inline_commit: With ``NORMAL``, commit a lone put on the event loop's
-            thread when the worker has nothing to do (see the module
-            docstring); ``False`` sends every request to the worker.
+            thread when the worker has nothing to do ("Inline commits" in the
+            module docstring); ``False`` sends every request to the worker.
     """
 
     max_bytes: int = 64 * 1024 * 1024
@@ -386,7 +403,7 @@ class OutboxStats:
 
 @dataclass(slots=True)
 class _State:
-    """Depth and counters; mutated only by the worker thread."""
+    """Depth and counters; mutated by whoever holds the store (see _Store)."""
 
     rows: int = 0
     total_bytes: int = 0
@@ -457,7 +474,7 @@ def _configure(
 
 
 class _Store:
-    """The SQLite side; every method runs on the worker thread only."""
+    """The SQLite side: used by the worker, or by an inline commit, never at once."""
 
     def __init__(self, path: Path, config: OutboxConfig) -> None:
         self._path = path
@@ -470,6 +487,7 @@ class _Store:
         )
         """Lone puts may commit on the loop's thread; checkpoints are ours."""
         self.commits_since_checkpoint = 0
+        self.bytes_since_checkpoint = 0
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -536,13 +554,21 @@ class _Store:
     def checkpoint(self) -> None:
         """Copy the WAL into the database file (PASSIVE: waits for no reader)."""
         self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        self.commits_since_checkpoint = 0
+        self.commits_since_checkpoint = self.bytes_since_checkpoint = 0
         self.state.checkpoints += 1
 
+    @property
+    def checkpoint_due(self) -> bool:
+        """Inline commits on, and _CHECKPOINT_COMMITS or _CHECKPOINT_BYTES reached."""
+        return self.inline and (
+            self.commits_since_checkpoint >= _CHECKPOINT_COMMITS
+            or self.bytes_since_checkpoint >= _CHECKPOINT_BYTES
+        )
+
     def checkpoint_if_due(self) -> None:
-        """Checkpoint after ``_CHECKPOINT_COMMITS`` commits; a failure is logged."""
-        if self.inline and self.commits_since_checkpoint >= _CHECKPOINT_COMMITS:
-            self.commits_since_checkpoint = 0
+        """Checkpoint when :attr:`checkpoint_due`; a failure is logged."""
+        if self.checkpoint_due:
+            self.commits_since_checkpoint = self.bytes_since_checkpoint = 0
             try:
                 self.checkpoint()
             except sqlite3.Error as exc:  # the WAL just grows until the next try
@@ -638,6 +664,7 @@ class _Store:
                         ),
                     )
                     if cursor.rowcount == 1:
+                        self.bytes_since_checkpoint += size
                         st.rows += 1
                         st.total_bytes += size
                         st.stored += 1
@@ -898,6 +925,12 @@ class Outbox:
         self._inline_this_turn = False  # one inline commit per loop iteration
         self._checkpoint_queued = False
         self._store_lock = threading.Lock()  # held while the store is in use
+        # Worker thread: completions of the request being served, posted once
+        # the lock is released (a put they free must find it free).
+        self._collected: list[
+            tuple[int, Callable[..., object], tuple[object, ...]]
+        ] = []
+        self._collecting = False
         self._stored_listeners: list[Callable[[], None]] = []
         self._debug = logger.isEnabledFor(logging.DEBUG)
 
@@ -1015,6 +1048,9 @@ class Outbox:
         The returned future gives the item's :class:`PutOutcome` once its
         transaction has committed (acknowledge it only then), or the storage
         error. Items queued back to back share a transaction (group commit).
+        A lone put may commit before this returns (an inline commit: the
+        ``on_stored`` listeners run then too); the future still completes
+        on a later loop iteration.
 
         Raises:
             EnvelopeTooLargeError: The envelope exceeds ``max_bytes``.
@@ -1417,8 +1453,7 @@ class Outbox:
         done: asyncio.Future[None] = self._loop.create_future()
         self._enqueue(_Stop(done))
         self._nonempty.set()
-        for listener in tuple(self._stored_listeners):
-            listener()
+        self._call_listeners()
         try:
             await asyncio.shield(done)
         finally:
@@ -1440,12 +1475,29 @@ class Outbox:
     def _post(self, done: int, callback: Callable[..., object], *args: object) -> None:
         """Run ``callback(*args)`` on the loop, where ``done`` queued requests end.
 
-        Called from the worker thread.
+        Called from the worker thread; while it serves a request under the
+        store lock, held back until the lock is released.
         """
+        if self._collecting:
+            self._collected.append((done, callback, args))
+            return
         try:
             self._loop.call_soon_threadsafe(self._finish, done, callback, args)
         except RuntimeError:  # the loop is closed; nobody is waiting any more
             logger.debug("event loop closed; outbox result dropped")
+
+    @contextlib.contextmanager
+    def _serving(self) -> Iterator[None]:
+        """Worker thread: hold the store lock; post what completed after it."""
+        self._collecting = True
+        try:
+            with self._store_lock:
+                yield
+        finally:
+            self._collecting = False
+            collected, self._collected = self._collected, []
+            for done, callback, args in collected:
+                self._post(done, callback, *args)
 
     def _finish(
         self, done: int, callback: Callable[..., object], args: tuple[object, ...]
@@ -1461,8 +1513,14 @@ class Outbox:
             self._nonempty.clear()
         if stored:
             self._generation += stored
-            for listener in tuple(self._stored_listeners):
+            self._call_listeners()
+
+    def _call_listeners(self) -> None:
+        for listener in tuple(self._stored_listeners):
+            try:
                 listener()
+            except Exception:  # a listener's bug must not fail a put or close
+                logger.exception("outbox on_stored listener failed")
 
     def _queue_puts(
         self, items: Sequence[OutboxItem]
@@ -1471,6 +1529,8 @@ class Outbox:
         for item in items:
             if len(item.envelope) > self._config.max_bytes:
                 raise EnvelopeTooLargeError(len(item.envelope), self._config.max_bytes)
+        if not items:
+            return []
         now = self._clock()
         step = self._config.commit_max_batch
         if (
@@ -1515,9 +1575,9 @@ class Outbox:
         outcome = self._write_batch(store, batch, len(items))
         if outcome is not None:
             store.state.inline_transactions += 1
-            self._complete_writes(batch, *outcome)
-            if store.commits_since_checkpoint >= _CHECKPOINT_COMMITS:
+            if store.checkpoint_due:
                 self._queue_checkpoint()
+            self._complete_writes(batch, *outcome)
         return future
 
     def _next_turn(self) -> None:
@@ -1581,10 +1641,10 @@ class Outbox:
             self._forget_fresh()
         if stored:
             self._keep_fresh(batch, results)
-        self._observe(rows, stored)
         for request, result in zip(batch, results, strict=True):
             future: asyncio.Future[Any] = request.future
             _set_result(future, result)
+        self._observe(rows, stored)
 
     # -- worker thread -------------------------------------------------------------
 
@@ -1610,19 +1670,20 @@ class Outbox:
                         timeout=max(0.0, self._held_until - time.monotonic())
                     )
                 except queue.Empty:
-                    with self._store_lock:
+                    with self._serving():
                         self._write(store, [], 0)  # held lazy writes waited enough
                     continue
             else:
                 request = self._requests.get()
             carried = None
-            with self._store_lock:  # an inline commit never overlaps (see there)
+            with self._serving():  # an inline commit never overlaps (see there)
                 if isinstance(request, _PutRequest | _IdsRequest):
                     carried = self._serve_writes(store, request)
                 elif isinstance(request, _Job):
                     if self._held and time.monotonic() >= self._held_until:
                         self._write(store, [], 0)  # due before this read
                     request.run(store)
+                    store.checkpoint_if_due()  # purges and re-seals commit too
                 else:
                     if self._held:
                         self._write(store, [], 0)  # lazy writes still held

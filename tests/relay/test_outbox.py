@@ -17,6 +17,7 @@ import pytest
 
 import relay
 from relay.outbox import (
+    _CHECKPOINT_BYTES,
     _CHECKPOINT_COMMITS,
     EnvelopeTooLargeError,
     ExpireResult,
@@ -762,6 +763,8 @@ async def test_a_lone_put_commits_inline_with_the_lazy_writes_it_carries(
     ):
         async with await Outbox.open(db, config) as ob:
             assert not ob._store.inline
+            assert await ob.put(item(3 + config.inline_commit))
+            assert ob._store.state.inline_transactions == 0  # the worker did
 
 
 async def test_a_put_behind_queued_work_waits_its_turn_in_order(db: Path) -> None:
@@ -789,3 +792,26 @@ async def test_inline_commits_leave_wal_checkpoints_to_the_worker(db: Path) -> N
         assert state.inline_transactions > _CHECKPOINT_COMMITS
         assert state.checkpoints >= 1
         assert ob._store.commits_since_checkpoint < _CHECKPOINT_COMMITS + 2
+        (auto,) = ob._store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+        assert auto == 0
+        # Large envelopes: a checkpoint after _CHECKPOINT_BYTES, not 64 commits.
+        before = state.checkpoints
+        size = _CHECKPOINT_BYTES // 3 + 1
+        for n in range(1000, 1004):
+            assert await ob.put(item(n, size=size))
+            await asyncio.sleep(0)
+        await ob.stats()
+        assert ob._store.state.checkpoints > before
+
+
+async def test_a_failing_stored_listener_does_not_fail_the_put(db: Path) -> None:
+    async with await Outbox.open(db) as ob:
+
+        def buggy() -> None:
+            raise RuntimeError("a listener's bug")
+
+        ob.on_stored(buggy)
+        lazy = ob.ack_soon([mid(9)], lazy=True)
+        assert await ob.put(item(1))  # inline: the listener runs in the put
+        assert await ob.put_many([item(2), item(3)]) == [PutOutcome.STORED] * 2
+        assert await lazy == 0  # what rode with the put still completed
