@@ -569,10 +569,10 @@ class _Store:
     def checkpoint_if_due(self) -> None:
         """Checkpoint when :attr:`checkpoint_due`; a failure is logged."""
         if self.checkpoint_due:
-            self.commits_since_checkpoint = self.bytes_since_checkpoint = 0
             try:
                 self.checkpoint()
-            except sqlite3.Error as exc:  # the WAL just grows until the next try
+            except sqlite3.Error as exc:  # the WAL grows until the next due one
+                self.commits_since_checkpoint = self.bytes_since_checkpoint = 0
                 logger.warning("outbox WAL checkpoint failed: %s", exc)
 
     def _fits(self, size: int) -> bool:
@@ -859,6 +859,8 @@ class _Stop:
 
 
 _Request = _PutRequest | _IdsRequest | _Job | _Stop
+_Posted = tuple[int, Callable[..., object], tuple[object, ...]]
+"""A completion for the loop: requests it ends, callback, arguments."""
 
 
 def _by_priority(row: OutboxRow) -> int:
@@ -879,6 +881,16 @@ def _set_result(future: asyncio.Future[_T], result: _T) -> None:
 def _set_exception(future: asyncio.Future[_T], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+def _fail_writes(batch: Sequence[_WriteRequest], exc: Exception) -> None:
+    for request in batch:
+        future: asyncio.Future[Any] = request.future
+        _set_exception(future, exc)
+
+
+def _nothing() -> None:
+    """The completion of a job that only makes the worker checkpoint."""
 
 
 class Outbox:
@@ -924,13 +936,10 @@ class Outbox:
         # any is, puts go to the worker (in order); at 0 the worker is idle.
         self._outstanding = 0
         self._inline_this_turn = False  # one inline commit per loop iteration
-        self._checkpoint_queued = False
         self._store_lock = threading.Lock()  # held while the store is in use
         # Worker thread: completions of the request being served, posted once
         # the lock is released (a put they free must find it free).
-        self._collected: list[
-            tuple[int, Callable[..., object], tuple[object, ...]]
-        ] = []
+        self._collected: list[_Posted] = []
         self._collecting = False
         self._stored_listeners: list[Callable[[], None]] = []
         self._debug = logger.isEnabledFor(logging.DEBUG)
@@ -1574,30 +1583,19 @@ class Outbox:
         self._lazy = []
         store = self._store
         outcome = self._write_batch(store, batch, len(items))
-        if outcome is not None:
-            store.state.inline_transactions += 1
-            if store.checkpoint_due:
-                self._queue_checkpoint()
-            self._complete_writes(batch, *outcome)
+        if isinstance(outcome, Exception):
+            _fail_writes(batch, outcome)
+            return future
+        store.state.inline_transactions += 1
+        if store.checkpoint_due:
+            # The worker checkpoints after every job (see _serve); until this
+            # one completes, puts go to the worker, so it is queued once.
+            self._enqueue(_Job(lambda _: self._post(1, _nothing)))
+        self._complete_writes(batch, *outcome)
         return future
 
     def _next_turn(self) -> None:
         self._inline_this_turn = False
-
-    def _queue_checkpoint(self) -> None:
-        """Have the worker checkpoint the WAL (never on the loop's thread)."""
-        if self._checkpoint_queued:
-            return
-        self._checkpoint_queued = True
-
-        def run(store: _Store) -> None:
-            store.checkpoint_if_due()
-            self._post(1, self._checkpointed)
-
-        self._enqueue(_Job(run))
-
-    def _checkpointed(self) -> None:
-        self._checkpoint_queued = False
 
     async def _submit_puts(self, items: Sequence[OutboxItem]) -> list[PutOutcome]:
         futures = self._queue_puts(items)
@@ -1684,7 +1682,7 @@ class Outbox:
                     if self._held and time.monotonic() >= self._held_until:
                         self._write(store, [], 0)  # due before this read
                     request.run(store)
-                    store.checkpoint_if_due()  # purges and re-seals commit too
+                    store.checkpoint_if_due()  # after purges, re-seals, inline puts
                 else:
                     if self._held:
                         self._write(store, [], 0)  # lazy writes still held
@@ -1753,23 +1751,20 @@ class Outbox:
         if self._held:
             batch = [*self._held, *batch]
             self._held.clear()
-        outcome = self._write_batch(store, batch, count, post=True)
-        if outcome is not None:
-            self._post(len(batch), self._complete_writes, batch, *outcome)
-            store.checkpoint_if_due()
+        outcome = self._write_batch(store, batch, count)
+        if isinstance(outcome, Exception):
+            self._post(len(batch), _fail_writes, batch, outcome)
+            return
+        self._post(len(batch), self._complete_writes, batch, *outcome)
+        store.checkpoint_if_due()
 
     def _write_batch(
-        self,
-        store: _Store,
-        batch: Sequence[_WriteRequest],
-        count: int,
-        *,
-        post: bool = False,
-    ) -> tuple[list[object], int, int, int] | None:
+        self, store: _Store, batch: Sequence[_WriteRequest], count: int
+    ) -> tuple[list[object], int, int, int] | Exception:
         """Commit ``batch``; return what :meth:`_complete_writes` takes after it.
 
-        That is (results, rows, stored, dropped); None after failing every
-        request's future instead (through the loop when ``post``: the worker).
+        That is (results, rows, stored, dropped), or the error for every
+        request of the batch (:func:`_fail_writes`).
         """
         started = time.perf_counter()
         try:
@@ -1779,13 +1774,7 @@ class Outbox:
                 raise _storage_error(exc) from exc
         except Exception as exc:  # handed to the awaiting callers
             logger.exception("outbox group commit of %d rows failed", count)
-            for request in batch:
-                future: asyncio.Future[Any] = request.future
-                if post:
-                    self._post(1, _set_exception, future, exc)
-                else:
-                    _set_exception(future, exc)
-            return None
+            return exc
         if self._debug:
             logger.debug(
                 "committed %d new rows from %d writes in %.2f ms",
