@@ -18,9 +18,10 @@ Inline commits (``OutboxConfig.inline_commit``, with ``synchronous = NORMAL`` on
     with the lazy writes held on the loop side, at most once per loop iteration (a
     burst goes to the worker, which groups it; a caller putting in a loop still
     yields; a put of more than ``commit_max_batch`` items goes to the worker too). At
-    a low rate (39 puts a second at the android-2m link rate) the hand-off
-    to the worker and back, two thread wake-ups after an idle gap, cost more CPU than
-    the transaction itself (docs/benchmarks.md, ``tools.bench.coldpath``). The two
+    a low rate (39 puts a second at the android-2m link rate) this spares the
+    hand-off to the worker and back, two thread wake-ups after an idle gap, and the
+    wait for them: p99 added latency halved, CPU a little lower (docs/benchmarks.md,
+    ``tools.bench.coldpath``). The two
     threads never use the connection at once: the worker holds a lock while it
     serves a request, and posts what it completed only after releasing it. SQLite's
     automatic checkpoint, which runs in whichever thread commits, is off then; the

@@ -11,10 +11,11 @@ one JSON object:
   back to back and after idle gaps of 1, 5 and 25 ms.
 - ``outbox_put_us``: CPU microseconds of the process per lone put of a
   4,200-byte envelope (an attempt mark riding with it, a delete of four
-  acknowledged rows every fourth put), through :class:`relay.outbox.Outbox`
-  (its worker thread, as shipped) and with the same statements run by
-  ``sqlite3`` on the calling thread, each back to back and paced 25 ms apart
-  (the android-2m message interval); the paced figures include one wake-up.
+  acknowledged rows every fourth put) through :class:`relay.outbox.Outbox`,
+  committed by its worker thread (``inline_commit=False``) and inline on the
+  loop's thread (the default), each one loop iteration apart and paced 25 ms
+  apart (the android-2m message interval); the paced figures include one
+  wake-up.
 
 Figures and their reading: docs/benchmarks.md, "Where the e2e daemon's CPU
 still goes".
@@ -26,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import sqlite3
 import sys
 import tempfile
 import time
@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from relay.outbox import _INSERT, _SCHEMA, Outbox, OutboxItem
+from relay.outbox import Outbox, OutboxConfig, OutboxItem
 
 __all__ = ["main", "outbox_put_us", "wakeup_us"]
 
@@ -58,8 +58,9 @@ def wakeup_us(count: int) -> dict[str, float]:
     }
 
 
-async def _through_outbox(directory: Path, count: int, gap_s: float) -> float:
-    outbox = await Outbox.open(directory / "worker.sqlite3")
+async def _puts(directory: Path, count: int, gap_s: float, *, inline: bool) -> float:
+    config = OutboxConfig(inline_commit=inline)
+    outbox = await Outbox.open(directory / f"inline-{inline}.sqlite3", config)
     try:
         ids: list[bytes] = []
         lazy: list[asyncio.Future[int]] = []
@@ -72,8 +73,7 @@ async def _through_outbox(directory: Path, count: int, gap_s: float) -> float:
             msg_id = os.urandom(16)
             await outbox.put_soon(OutboxItem(msg_id, os.urandom(_ENVELOPE), _TOPIC))
             ids.append(msg_id)
-            if gap_s:
-                await asyncio.sleep(gap_s)
+            await asyncio.sleep(gap_s)  # 0: the next loop iteration
         spent = time.process_time() - started
         await asyncio.gather(*lazy)
         return spent / count * 1e6
@@ -81,53 +81,16 @@ async def _through_outbox(directory: Path, count: int, gap_s: float) -> float:
         await outbox.close()
 
 
-async def _inline(directory: Path, count: int, gap_s: float) -> float:
-    conn = sqlite3.connect(directory / "inline.sqlite3", isolation_level=None)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
-        ids: list[bytes] = []
-        started = time.process_time()
-        for i in range(count):
-            msg_id = os.urandom(16)
-            conn.execute("BEGIN IMMEDIATE")
-            if ids:
-                conn.execute(
-                    "UPDATE outbox SET attempts = attempts + 1 WHERE msg_id IN (?)",
-                    (ids[-1],),
-                )
-            if i % 4 == 3 and i > 8:
-                conn.execute(
-                    "DELETE FROM outbox WHERE msg_id IN (?, ?, ?, ?) RETURNING size",
-                    ids[-8:-4],
-                ).fetchall()
-            envelope = os.urandom(_ENVELOPE)
-            conn.execute(
-                _INSERT,
-                (msg_id, 2, 0, None, time.time(), len(envelope), _TOPIC, envelope),
-            )
-            conn.execute("COMMIT")
-            ids.append(msg_id)
-            if gap_s:
-                await asyncio.sleep(gap_s)
-        return (time.process_time() - started) / count * 1e6
-    finally:
-        conn.close()
-
-
 def outbox_put_us(count: int, gap_ms: float = 25.0) -> dict[str, float]:
-    """CPU µs per lone put: worker thread vs inline, back to back and paced."""
+    """CPU µs per lone put: through the worker vs inline, back to back and paced."""
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
-        for name, run in (("worker", _through_outbox), ("inline", _inline)):
+        for name, inline in (("worker", False), ("inline", True)):
             for label, gap in (("0ms", 0.0), (f"{gap_ms:g}ms", gap_ms / 1000)):
-                for stale in directory.glob("*.sqlite3*"):
+                for stale in Path(tmp).glob("*.sqlite3*"):
                     stale.unlink()
-                out[f"{name}_{label}"] = round(
-                    asyncio.run(run(directory, count, gap)), 1
-                )
+                spent = asyncio.run(_puts(Path(tmp), count, gap, inline=inline))
+                out[f"{name}_{label}"] = round(spent, 1)
     return out
 
 
