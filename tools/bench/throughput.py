@@ -545,12 +545,18 @@ class _Reference:
         try:
             async with asyncio.timeout(self._seconds + 30):
                 out, _ = await proc.communicate()
-            times = sorted(float(t) for t in json.loads(out or b"[]"))
+            times = [float(t) for t in json.loads(out or b"[]")]
         except (TimeoutError, ValueError, TypeError):
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
             return {}
+        finally:
+            self.stop()
         return reference_summary(times)
+
+    def stop(self) -> None:
+        """Kill the process if it still runs (a window that ended in an error)."""
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
 
 
 def reference_summary(times: Sequence[float]) -> dict[str, float | None]:
@@ -558,11 +564,10 @@ def reference_summary(times: Sequence[float]) -> dict[str, float | None]:
     ordered = sorted(times)
     if not ordered:
         return {"p10": None, "p50": None, "p90": None, "samples": 0}
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
-
-    return {"p10": at(0.1), "p50": at(0.5), "p90": at(0.9), "samples": len(ordered)}
+    at = {
+        f"p{round(q * 100)}": round(_percentile(ordered, q), 2) for q in (0.1, 0.5, 0.9)
+    }
+    return {**at, "samples": len(ordered)}
 
 
 # -- the sampler: who spends the daemon's CPU ------------------------------------
@@ -1590,7 +1595,11 @@ async def _e2e_window(
     broker_start = cloud.broker_cpu_s()
     reference = _Reference(spec.duration)
     await reference.start()
-    await _sleep_with_progress(spec, spec.duration, ledger, label)
+    try:
+        await _sleep_with_progress(spec, spec.duration, ledger, label)
+    except BaseException:
+        reference.stop()
+        raise
     end = time.time()
     cpu_end = proc_cpu_s(daemon.pid)
     status_end = proc_status(daemon.pid)
@@ -2245,8 +2254,12 @@ async def _pipeline_relay(
         reference = _Reference(spec.duration)
         await reference.start()
         sampler.active = True
-        with _cprofiled(_cprofile_path(spec, relay)):
-            await _pipeline_sleep(spec, spec.duration, daemon, label, injecting)
+        try:
+            with _cprofiled(_cprofile_path(spec, relay)):
+                await _pipeline_sleep(spec, spec.duration, daemon, label, injecting)
+        except BaseException:
+            reference.stop()
+            raise
         sampler.active = False
         end, cpu_end = time.time(), _self_cpu_s()
         harness = injector.busy_s + peer.busy_s - harness_start
