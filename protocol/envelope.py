@@ -54,12 +54,18 @@ Acknowledgement (gateway -> phone), signed, not encrypted::
     1       1     kind       0x30 (EnvelopeKind.ACK)
     2       4     kid        u32, the gateway key epoch that signed
     6       8     sequence   u64, the gateway's ack sequence or timestamp
-    14      2     count      u16, number of message ids (<= MAX_ACK_IDS)
-    16      16*c  ids        the acknowledged 16-byte message ids
-    16+16c  64    signature  Ed25519 over context || every byte before it
+    14      2     count      u16, number of entries (<= MAX_ACK_IDS)
+    16      20*c  entries    per acknowledged message: its 16-byte id, then
+                             u32 held, the microseconds from the gateway's
+                             processing of it to the signing of this ack
+                             (saturating)
+    16+20c  64    signature  Ed25519 over context || every byte before it
 
     The ids are visible to the broker (random, no content); a gateway that
     wants them hidden sends the ack bytes as the message of a downlink.
+    ``held`` is QUIC's ACK Delay per id: a gateway that gathers acks (one
+    per ``ack_interval_s`` while a device streams) says how long each waited,
+    so the phone's round-trip samples leave the wait out.
 
 The binding *context* is never sent; both sides rebuild it, the receiver from
 the topic and device id it *expects*::
@@ -140,6 +146,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.hpke import Suite
 
 __all__ = [
+    "ACK_ENTRY_SIZE",
     "ACK_HEADER_SIZE",
     "ACK_OVERHEAD",
     "ENC_SIZE",
@@ -151,6 +158,7 @@ __all__ = [
     "EPOCH_OVERHEAD",
     "HPKE_OVERHEAD",
     "KEY_SIZE",
+    "MAX_ACK_HELD_US",
     "MAX_ACK_IDS",
     "MAX_DEVICE_ID_SIZE",
     "MAX_KID",
@@ -211,8 +219,12 @@ NOISE_K_OVERHEAD: Final = HEADER_SIZE + ENC_SIZE + TAG_SIZE
 """Bytes a Noise_K envelope adds to a message of <= 65,487 bytes: 54."""
 ACK_HEADER_SIZE: Final = 16
 """version, kind, kid, sequence u64, count u16."""
+ACK_ENTRY_SIZE: Final = MESSAGE_ID_SIZE + 4
+"""One acknowledged id and its u32 microseconds held: 20 bytes."""
 ACK_OVERHEAD: Final = ACK_HEADER_SIZE + SIGNATURE_SIZE
-"""An ack is ``ACK_OVERHEAD + 16 * count`` bytes: 80 + 16 per id."""
+"""An ack is ``ACK_OVERHEAD + ACK_ENTRY_SIZE * count`` bytes: 80 + 20 per id."""
+MAX_ACK_HELD_US: Final = 2**32 - 1
+"""Largest ``held`` of an ack entry, microseconds (longer saturates to it)."""
 MAX_ACK_IDS: Final = 1024
 """Most message ids in one ack. Policy: sign_ack refuses more (send several)."""
 MAX_KID: Final = 2**32 - 1
@@ -234,6 +246,7 @@ _LABEL: Final = b"glasses-relay/envelope"
 _LABEL_PREFIX: Final = bytes([len(_LABEL)]) + _LABEL
 _HEADER: Final = struct.Struct(">BBI")
 _ACK_HEADER: Final = struct.Struct(">BBIQH")
+_U32: Final = struct.Struct(">I")
 _U16: Final = struct.Struct(">H")
 _U64: Final = struct.Struct(">Q")
 _U64_LIMIT: Final = 1 << 64
@@ -600,11 +613,14 @@ class AckInfo:
         kid: The gateway key epoch that signed it.
         sequence: The gateway's sequence number or timestamp (its choice).
         message_ids: The acknowledged 16-byte message ids, in ack order.
+        held_s: Per id, the seconds the gateway held its ack after
+            processing it (subtract from a round-trip sample).
     """
 
     kid: int
     sequence: int
     message_ids: tuple[bytes, ...]
+    held_s: tuple[float, ...]
 
 
 def _check_kid(kid: int) -> None:
@@ -1198,12 +1214,15 @@ def sign_ack(
     kid: int,
     sequence: int,
     gateway: GatewayKeys,
+    held_us: Sequence[int] | None = None,
 ) -> bytes:
     """Sign an end-to-end acknowledgement, after the messages are processed.
 
     Args:
         message_ids: 16-byte ids of the envelopes' messages, at most
             :data:`MAX_ACK_IDS` (send several acks for more).
+        held_us: Per id, the microseconds its ack waited after the message
+            was processed (0 to :data:`MAX_ACK_HELD_US`); ``None``: all 0.
         topic: The topic the ack is published to; bound in, never sent.
         device_id: The phone the ack is for; bound in, never sent.
         kid: The gateway key epoch of ``gateway``.
@@ -1211,12 +1230,12 @@ def sign_ack(
         gateway: That epoch's private keys (its Ed25519 key signs).
 
     Returns:
-        The ack bytes (80 + 16 per id).
+        The ack bytes (80 + 20 per id).
 
     Raises:
         MessageTooLargeError: More than :data:`MAX_ACK_IDS` ids.
-        LocalProtocolError: An id not 16 bytes, bad kid, sequence, device id
-            or topic.
+        LocalProtocolError: An id not 16 bytes, bad kid, sequence, device id,
+            topic, or ``held_us`` (not one per id, or out of range).
     """
     if len(message_ids) > MAX_ACK_IDS:
         raise MessageTooLargeError(
@@ -1228,11 +1247,19 @@ def sign_ack(
         raise LocalProtocolError(f"message ids must be {MESSAGE_ID_SIZE} bytes")
     if not 0 <= sequence < _U64_LIMIT:
         raise LocalProtocolError("ack sequence must fit 64 bits")
+    if held_us is None:
+        held_us = [0] * len(message_ids)
+    elif len(held_us) != len(message_ids):
+        raise LocalProtocolError("ack needs one held time per message id")
+    elif not all(0 <= held <= MAX_ACK_HELD_US for held in held_us):
+        raise LocalProtocolError(f"ack held times must be 0 to {MAX_ACK_HELD_US} us")
     _check_kid(kid)
     binding = _binding(device_id, topic)
     signed = _ACK_HEADER.pack(
         ENVELOPE_VERSION, EnvelopeKind.ACK, kid, sequence, len(message_ids)
-    ) + b"".join(message_ids)
+    ) + b"".join(
+        mid + _U32.pack(held) for mid, held in zip(message_ids, held_us, strict=True)
+    )
     return signed + gateway._signing.sign(
         _context(signed[:HEADER_SIZE], binding) + signed
     )
@@ -1277,7 +1304,7 @@ def verify_ack(
     _, _, kid, sequence, count = _ACK_HEADER.unpack_from(data)
     if count > MAX_ACK_IDS:
         raise MalformedError(f"ack with {count} ids, over {MAX_ACK_IDS}")
-    if len(data) != ACK_OVERHEAD + count * MESSAGE_ID_SIZE:
+    if len(data) != ACK_OVERHEAD + count * ACK_ENTRY_SIZE:
         raise MalformedError(f"ack of {len(data)} bytes does not hold {count} ids")
     keys = gateway_keys.get(kid)
     if keys is None:
@@ -1289,8 +1316,10 @@ def verify_ack(
         )
     except InvalidSignature:
         raise AuthenticationError("ack signature did not verify") from None
-    ids = tuple(
-        signed[offset : offset + MESSAGE_ID_SIZE]
-        for offset in range(ACK_HEADER_SIZE, len(signed), MESSAGE_ID_SIZE)
+    offsets = range(ACK_HEADER_SIZE, len(signed), ACK_ENTRY_SIZE)
+    ids = tuple(signed[offset : offset + MESSAGE_ID_SIZE] for offset in offsets)
+    held = tuple(
+        _U32.unpack_from(signed, offset + MESSAGE_ID_SIZE)[0] / 1e6
+        for offset in offsets
     )
-    return AckInfo(kid, sequence, ids)
+    return AckInfo(kid, sequence, ids, held)

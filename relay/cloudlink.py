@@ -130,7 +130,11 @@ class LinkObserver(Protocol):
         """A payload of ``nbytes`` left."""
 
     def uplink_acked(self, key: bytes, at: float) -> None:
-        """The gateway's signed ack of the payload named ``key`` arrived."""
+        """The gateway's signed ack of the payload named ``key`` arrived.
+
+        ``at`` is its arrival less the time the gateway says it held the ack
+        after processing the payload (gathering acks while the phone streams).
+        """
 
     def downlink_bytes(self, n: int, at: float) -> None:
         """``n`` bytes arrived from the gateway."""
@@ -151,7 +155,7 @@ class CloudLink:
         *,
         config: CloudConfig | None = None,
         gateway_key_file: Path | None = None,
-        on_acked: Callable[[list[bytes]], None] | None = None,
+        on_acked: Callable[[list[bytes], list[float]], None] | None = None,
         suite: EnvelopeSuite = EnvelopeSuite.HPKE,
         observer: LinkObserver | None = None,
     ) -> None:
@@ -542,6 +546,7 @@ class CloudLink:
                 self._bad("malformed_batch")
                 continue
             acked: list[bytes] = []
+            held: list[float] = []
             for item in items:
                 try:
                     header = EnvelopeHeader.decode(item)
@@ -553,6 +558,7 @@ class CloudLink:
                             gateway_keys=self._gateway_keys(),
                         )
                         acked.extend(info.message_ids)
+                        held.extend(info.held_s)
                         continue
                     plaintext = open_downlink(
                         item,
@@ -570,10 +576,13 @@ class CloudLink:
                     self.stats.downlink += 1
                     self._on_downlink(message)
             if acked:
+                # As the gateway would have acked each without gathering
+                # them (its held time per id, docs/envelope.md §6).
+                arrived = time.monotonic()
+                acked_at = [arrived - wait for wait in held]
                 if self.observer is not None:
-                    acked_at = time.monotonic()
-                    for mid in acked:
-                        self.observer.uplink_acked(mid, acked_at)
+                    for mid, at in zip(acked, acked_at, strict=True):
+                        self.observer.uplink_acked(mid, at)
                 for mid in acked:
                     self._in_flight.pop(mid, None)
                     self._attempts.pop(mid, None)
@@ -589,7 +598,7 @@ class CloudLink:
                 if self._room_blocked:
                     self._wake.set()
                 if self._on_acked is not None:
-                    self._on_acked(acked)
+                    self._on_acked(acked, acked_at)
 
     def _acked_rows(self, ids: tuple[bytes, ...], future: asyncio.Future[int]) -> None:
         self._deleting.difference_update(ids)

@@ -693,9 +693,10 @@ class Daemon:
 
     # -- the cloud ---------------------------------------------------------
 
-    def _on_cloud_acked(self, ids: list[bytes]) -> None:
+    def _on_cloud_acked(self, ids: list[bytes], processed_at: list[float]) -> None:
+        # processed_at: each ack's arrival less the time the gateway held it.
         now = time.monotonic()
-        for mid in ids:
+        for mid, at in zip(ids, processed_at, strict=True):
             request_id = self._by_message.pop(mid, None)
             trace = None if request_id is None else self.traces.get(request_id)
             if trace is not None and trace.cloud_acked is None:
@@ -703,7 +704,7 @@ class Daemon:
             final_of = self._final_parts.pop(mid, None)
             pending = None if final_of is None else self._pending.get(final_of)
             if pending is not None and pending.uploaded_at is None:
-                pending.uploaded_at = now  # the whole request is at the gateway
+                pending.uploaded_at = at  # the whole request is at the gateway
         while len(self._final_parts) > _ROUTES_KEPT:
             self._final_parts.pop(next(iter(self._final_parts)))
 

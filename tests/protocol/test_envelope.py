@@ -25,11 +25,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from protocol.constants import MESSAGE_ID_SIZE
 from protocol.envelope import (
+    ACK_ENTRY_SIZE,
+    ACK_HEADER_SIZE,
     ACK_OVERHEAD,
     ENVELOPE_VERSION,
     EPOCH_OVERHEAD,
     HEADER_SIZE,
     HPKE_OVERHEAD,
+    MAX_ACK_HELD_US,
     MAX_ACK_IDS,
     MAX_DEVICE_ID_SIZE,
     MAX_KID,
@@ -171,9 +174,17 @@ class World:
             suites=suites,
         )
 
-    def sign(self, ids: list[bytes], *, kid: int = KID, sequence: int = 41) -> bytes:
+    def sign(
+        self,
+        ids: list[bytes],
+        *,
+        kid: int = KID,
+        sequence: int = 41,
+        held_us: list[int] | None = None,
+    ) -> bytes:
         return sign_ack(
             ids,
+            held_us=held_us,
             topic=ACK_TOPIC,
             device_id=self.device_id,
             kid=kid,
@@ -278,7 +289,7 @@ def test_header_is_version_kind_kid_only(world: World, seal: str, kind: int) -> 
 
 def test_fixed_overhead(world: World) -> None:
     # Documented: HPKE 118 B (134 with the 16-byte message id, SECURITY.md
-    # says ~136), NOISE_K 54 B (70), ack 80 B + 16 per id.
+    # says ~136), NOISE_K 54 B (70), ack 80 B + 20 per id.
     assert HPKE_OVERHEAD == 118
     assert NOISE_K_OVERHEAD == 54
     assert ACK_OVERHEAD == 80
@@ -295,7 +306,8 @@ def test_fixed_overhead(world: World) -> None:
     big = os.urandom(NOISE_FIRST + NOISE_NEXT + 1)
     assert len(world.seal_up(big, EnvelopeSuite.NOISE_K)) - len(big) == 54 + 32
     ids = [os.urandom(16) for _ in range(5)]
-    assert len(world.sign(ids)) == ACK_OVERHEAD + 16 * 5
+    assert len(world.sign(ids)) == ACK_OVERHEAD + 20 * 5
+    assert ACK_ENTRY_SIZE == 20
 
 
 @pytest.mark.parametrize("suite", BOTH)
@@ -332,9 +344,32 @@ def test_ack_round_trip(world: World) -> None:
     for count in (0, 1, 64, MAX_ACK_IDS):
         ids = [os.urandom(16) for _ in range(count)]
         info = world.verify(world.sign(ids, sequence=2**64 - 1))
-        assert info == AckInfo(KID, 2**64 - 1, tuple(ids))
+        assert info == AckInfo(KID, 2**64 - 1, tuple(ids), (0.0,) * count)
     info = world.verify(world.sign([b"\x01" * 16], kid=5, sequence=0))
     assert (info.kid, info.sequence) == (5, 0)
+
+
+def test_ack_held_times_round_trip_per_id(world: World) -> None:
+    ids = [os.urandom(16) for _ in range(3)]
+    held = [0, 87_250, MAX_ACK_HELD_US]
+    info = world.verify(world.sign(ids, held_us=held))
+    assert info.message_ids == tuple(ids)
+    assert info.held_s == (0.0, 0.08725, MAX_ACK_HELD_US / 1e6)
+    # A held time is signed like the ids: changing one breaks the signature.
+    ack = bytearray(world.sign(ids, held_us=held))
+    ack[ACK_HEADER_SIZE + 16 + ACK_ENTRY_SIZE + 3] ^= 1
+    with pytest.raises(AuthenticationError):
+        world.verify(bytes(ack))
+
+
+@pytest.mark.parametrize(
+    "held", [[1, 2], [0, 0, 0, 0], [-1, 0, 0], [0, MAX_ACK_HELD_US + 1, 0]]
+)
+def test_ack_held_times_that_do_not_fit_are_refused(
+    world: World, held: list[int]
+) -> None:
+    with pytest.raises(LocalProtocolError, match="held"):
+        world.sign([os.urandom(16) for _ in range(3)], held_us=held)
 
 
 # --- envelope negatives (SECURITY.md §4 Tier 0) -----------------------------

@@ -139,6 +139,8 @@ class Phone:
     down_count: collections.Counter[bytes] = field(default_factory=collections.Counter)
     acks: list[tuple[float, tuple[bytes, ...]]] = field(default_factory=list)
     """Each ACK as it came: (loop time, ids)."""
+    held: list[tuple[float, ...]] = field(default_factory=list)
+    """Each ACK's held times, seconds per id (as ``acks``)."""
     qos: list[tuple[int, bool]] = field(default_factory=list)
     """MQTT only: (QoS, whether the payload held ACKs) of each payload."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -188,6 +190,7 @@ class Phone:
                 )
                 self.acked.update(info.message_ids)
                 self.acks.append((asyncio.get_running_loop().time(), info.message_ids))
+                self.held.append(info.held_s)
                 continue
             plain = open_downlink(
                 item,
@@ -392,8 +395,9 @@ async def test_acks_are_paced_per_device_and_sent_at_qos_0(
     mosquitto: Server, state: Path
 ) -> None:
     """The first message after a quiet spell is acknowledged at once; those
-    that follow within ack_interval_s share one ACK, sent when it is over.
-    ACKs go at QoS 0 (a lost one costs a resend), answers at QoS 1."""
+    that follow within ack_interval_s share one ACK, sent when it is over,
+    which says how long each id was held (for the phone's round-trip
+    samples). ACKs go at QoS 0 (a lost one costs a resend), answers at QoS 1."""
     phone = Phone(state)
     phone.register()
     interval = 0.3
@@ -413,8 +417,85 @@ async def test_acks_are_paced_per_device_and_sent_at_qos_0(
     assert ids0 == (first.message_id,)
     assert set(ids1) == {t.message_id for t in rest}  # one ACK for the three
     assert t1 - t0 >= interval / 2  # (not within milliseconds, as unpaced)
+    held0, held1 = phone.held[:2]
+    assert held0[0] < interval / 3  # ack_delay_s (5 ms) and the signing
+    # Sent a few milliseconds apart just after the first ACK: held for most
+    # of the interval, never longer than the ACK took to come.
+    assert all(interval / 3 <= h <= t1 - t0 for h in held1)
     assert {qos for qos, has_acks in phone.qos if has_acks} == {0}
     assert {qos for qos, has_acks in phone.qos if not has_acks} == {1}
+
+
+@dataclass
+class AckTimes:
+    """A cloud link observer: when each payload left, when its ack counted."""
+
+    sent: dict[bytes, float] = field(default_factory=dict)
+    acked: list[tuple[bytes, float, float]] = field(default_factory=list)
+    """(key, the time the link reported, the time it reported it)."""
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def uplink_sent(self, key: bytes, nbytes: int, at: float) -> None:
+        del nbytes
+        self.sent[key] = at
+
+    def uplink_acked(self, key: bytes, at: float) -> None:
+        self.acked.append((key, at, time.monotonic()))
+        self.changed.set()
+
+    def downlink_bytes(self, n: int, at: float) -> None:
+        del n, at
+
+    def uplink_down(self, at: float) -> None:
+        del at
+
+
+async def test_the_phone_leaves_the_gateways_hold_out_of_its_ack_times(
+    mosquitto: Server, state: Path
+) -> None:
+    """The real cloud link over MQTT to the gateway: acks the gateway held
+    for its ack_interval_s reach the router's observer dated as if unheld
+    (arrival less the held time the ack carries), so round-trip samples
+    taken while the phone streams do not grow with the interval."""
+    from relay.cloudlink import CloudLink
+    from relay.identity import PhoneIdentity
+    from relay.outbox import Outbox, Priority
+    from relay.uplink.factory import uplink_factory
+
+    interval = 0.4
+    times = AckTimes()
+    cfg = config(state, broker_url=mosquitto.url, ack_interval_s=interval)
+    async with running(cfg):
+        identity = PhoneIdentity(state)
+        (state / "phone").mkdir(mode=0o700, exist_ok=True)
+        outbox = await Outbox.open(state / "phone" / "outbox.sqlite3")
+        make_uplink = uplink_factory(
+            "mqtt", device_id=identity.device_id, broker=mosquitto.url
+        )
+        link = CloudLink(identity, outbox, make_uplink, lambda m: None, observer=times)
+        task = asyncio.create_task(link.run())
+        try:
+            sent = [telemetry(n) for n in range(4)]
+            async with asyncio.timeout(WAIT_S):
+                for tick in sent:  # the first after a quiet spell, then held
+                    await link.put(tick, Priority.NORMAL)
+                    while tick.message_id not in {k for k, _, _ in times.acked}:
+                        times.changed.clear()
+                        await times.changed.wait()
+                    await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await outbox.close()
+    samples = [
+        (at - times.sent[key], called - times.sent[key])
+        for key, at, called in times.acked
+        if key in {tick.message_id for tick in sent}
+    ]
+    assert len(samples) == 4
+    held = [s for s in samples if s[1] >= interval / 3]
+    assert held  # the gateway did gather some
+    assert all(rtt < interval / 4 for rtt, _ in samples), samples
 
 
 async def test_a_full_set_of_ids_is_acked_without_waiting_for_the_interval(

@@ -19,7 +19,7 @@ admits the previous one, and for each uplink envelope:
    ledger line;
 5. new and duplicate ids alike are acknowledged: gathered per device for
    ``ack_delay_s`` and at most one per ``ack_interval_s`` per device unless
-   ``ack_max_ids`` are waiting, signed
+   ``ack_max_ids`` are waiting, signed with how long each id was held
    (:func:`protocol.envelope.sign_ack`, sequence increasing) and sent down.
 
 Answers stream down piece by piece as RESPONSE_TEXT downlink envelopes
@@ -50,6 +50,7 @@ from protocol.bodies import (
 from protocol.cloud import decode_batch, encode_batch
 from protocol.constants import MessageFlags, MessageKind
 from protocol.envelope import (
+    MAX_ACK_HELD_US,
     MAX_ACK_IDS,
     EpochKeyCache,
     GatewayKeys,
@@ -191,7 +192,8 @@ class Gateway:
         self._sinks: list[DownlinkSink] = []
         self._queue: asyncio.Queue[_Incoming] = asyncio.Queue(config.max_queue)
         self._states: dict[str, _DeviceState] = {}
-        self._acks: dict[str, tuple[KnownDevice, list[bytes]]] = {}
+        self._acks: dict[str, tuple[KnownDevice, list[tuple[bytes, float]]]] = {}
+        """Per device: ids to acknowledge, with when each was processed."""
         self._ack_ready = asyncio.Event()
         self._ack_sequence = 0
         self._answers = Answers(
@@ -500,7 +502,8 @@ class Gateway:
     # -- acknowledgements ---------------------------------------------------------
 
     def _queue_ack(self, device: KnownDevice, message_id: bytes) -> None:
-        self._acks.setdefault(device.pseudonym, (device, []))[1].append(message_id)
+        entry = (message_id, time.monotonic())
+        self._acks.setdefault(device.pseudonym, (device, []))[1].append(entry)
 
     def _next_sequence(self) -> int:
         self._ack_sequence = max(self._ack_sequence + 1, time.time_ns() // 1000)
@@ -516,7 +519,7 @@ class Gateway:
                 await asyncio.sleep(self._config.ack_delay_s)
             self._ack_ready.clear()
             now = loop.time()
-            due: list[tuple[KnownDevice, list[bytes]]] = []
+            due: list[tuple[KnownDevice, list[tuple[bytes, float]]]] = []
             later: float | None = None
             for pseudonym, (_, ids) in list(self._acks.items()):
                 state = self._state(pseudonym)
@@ -535,11 +538,21 @@ class Gateway:
                     for device, ids in due:
                         group.create_task(self._send_acks(device, ids))
 
-    async def _send_acks(self, device: KnownDevice, ids: list[bytes]) -> None:
-        unique = list(dict.fromkeys(ids))
+    async def _send_acks(
+        self, device: KnownDevice, entries: list[tuple[bytes, float]]
+    ) -> None:
+        # An id processed twice (a resend) is held from its latest processing.
+        processed = dict(entries)
+        unique = list(processed)
+        now = time.monotonic()
+        held = [
+            min(MAX_ACK_HELD_US, max(0, round((now - processed[mid]) * 1e6)))
+            for mid in unique
+        ]
         acks = [
             sign_ack(
                 unique[start : start + MAX_ACK_IDS],
+                held_us=held[start : start + MAX_ACK_IDS],
                 topic=device.channels.down,
                 device_id=device.device_id,
                 kid=KID,
