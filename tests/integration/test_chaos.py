@@ -44,6 +44,8 @@ class Plan:
     timeout: float
 
 
+ANSWER_SETTLE_S = 2.0
+"""Seconds without a new gateway response line before the answers are checked."""
 SMALL = Plan(messages=1000, broker_crashes=1, daemon_kills=1, link_drops=2, timeout=150)
 FULL = Plan(
     messages=10_000, broker_crashes=3, daemon_kills=3, link_drops=5, timeout=1500
@@ -277,10 +279,16 @@ async def chaos(tmp: Path, plan: Plan, *, forget: bool, uplink: str = "mqtt") ->
                 lambda: run.acked() <= run.received(), plan.timeout,
                 "every acked message processed", run,
             )  # fmt: skip
-            await wait_until(
-                lambda: run.responses() <= run.answered(), plan.timeout,
-                "every answer at the glasses", run,
-            )  # fmt: skip
+            # A request processed last has no response line until its answer
+            # is produced: wait until no new line has come for a while too.
+            seen: set[str] | None = None
+            while seen != run.responses():
+                seen = run.responses()
+                await wait_until(
+                    lambda: run.responses() <= run.answered(), plan.timeout,
+                    "every answer at the glasses", run,
+                )  # fmt: skip
+                await asyncio.sleep(ANSWER_SETTLE_S)
         else:
             await asyncio.sleep(8)  # give a lossy relay every chance to deliver
         return run
