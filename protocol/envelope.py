@@ -58,7 +58,7 @@ Acknowledgement (gateway -> phone), signed, not encrypted::
     16      20*c  entries    per acknowledged message: its 16-byte id, then
                              u32 held, the microseconds from the gateway's
                              processing of it to the signing of this ack
-                             (saturating)
+                             (the gateway saturates a longer one)
     16+20c  64    signature  Ed25519 over context || every byte before it
 
     The ids are visible to the broker (random, no content); a gateway that
@@ -1222,7 +1222,8 @@ def sign_ack(
         message_ids: 16-byte ids of the envelopes' messages, at most
             :data:`MAX_ACK_IDS` (send several acks for more).
         held_us: Per id, the microseconds its ack waited after the message
-            was processed (0 to :data:`MAX_ACK_HELD_US`); ``None``: all 0.
+            was processed, integers from 0 to :data:`MAX_ACK_HELD_US` (the
+            caller saturates a longer wait); ``None``: all 0.
         topic: The topic the ack is published to; bound in, never sent.
         device_id: The phone the ack is for; bound in, never sent.
         kid: The gateway key epoch of ``gateway``.
@@ -1251,8 +1252,12 @@ def sign_ack(
         held_us = [0] * len(message_ids)
     elif len(held_us) != len(message_ids):
         raise LocalProtocolError("ack needs one held time per message id")
-    elif not all(0 <= held <= MAX_ACK_HELD_US for held in held_us):
-        raise LocalProtocolError(f"ack held times must be 0 to {MAX_ACK_HELD_US} us")
+    elif not all(
+        type(held) is int and 0 <= held <= MAX_ACK_HELD_US for held in held_us
+    ):
+        raise LocalProtocolError(
+            f"ack held times must be integers from 0 to {MAX_ACK_HELD_US} us"
+        )
     _check_kid(kid)
     binding = _binding(device_id, topic)
     signed = _ACK_HEADER.pack(
@@ -1304,7 +1309,11 @@ def verify_ack(
     _, _, kid, sequence, count = _ACK_HEADER.unpack_from(data)
     if count > MAX_ACK_IDS:
         raise MalformedError(f"ack with {count} ids, over {MAX_ACK_IDS}")
-    if len(data) != ACK_OVERHEAD + count * ACK_ENTRY_SIZE:
+    if len(data) == ACK_OVERHEAD + count * ACK_ENTRY_SIZE:
+        entry = ACK_ENTRY_SIZE
+    elif len(data) == ACK_OVERHEAD + count * MESSAGE_ID_SIZE:
+        entry = MESSAGE_ID_SIZE  # a gateway from before held times: held 0
+    else:
         raise MalformedError(f"ack of {len(data)} bytes does not hold {count} ids")
     keys = gateway_keys.get(kid)
     if keys is None:
@@ -1316,8 +1325,10 @@ def verify_ack(
         )
     except InvalidSignature:
         raise AuthenticationError("ack signature did not verify") from None
-    offsets = range(ACK_HEADER_SIZE, len(signed), ACK_ENTRY_SIZE)
+    offsets = range(ACK_HEADER_SIZE, len(signed), entry)
     ids = tuple(signed[offset : offset + MESSAGE_ID_SIZE] for offset in offsets)
+    if entry == MESSAGE_ID_SIZE:
+        return AckInfo(kid, sequence, ids, (0.0,) * count)
     held = tuple(
         _U32.unpack_from(signed, offset + MESSAGE_ID_SIZE)[0] / 1e6
         for offset in offsets

@@ -461,6 +461,10 @@ class CloudLink:
             tries = [max(r.attempts, attempts.get(r.msg_id, 0)) for r in rows]
             for row, done in zip(rows, tries, strict=True):
                 self._in_flight[row.msg_id] = now + self._resend_delay(done + 1)
+            # Before the send: over MQTT it returns only with the broker's
+            # PUBACKs, and a round trip measured from then would leave the
+            # way to the broker out.
+            sent_at = time.monotonic()
             try:
                 await uplink.send([("up", p) for p in payloads])
             except UplinkError as exc:
@@ -470,7 +474,6 @@ class CloudLink:
                 drained_at = None
                 continue
             if self.observer is not None:
-                sent_at = time.monotonic()
                 for key, payload in zip(keys, payloads, strict=True):
                     self.observer.uplink_sent(key, len(payload), sent_at)
             for row, done in zip(rows, tries, strict=True):
@@ -577,9 +580,11 @@ class CloudLink:
                     self._on_downlink(message)
             if acked:
                 # As the gateway would have acked each without gathering
-                # them (its held time per id, docs/envelope.md §6).
+                # them (its held time per id, docs/envelope.md §6); a claimed
+                # hold past resend_after is not believed (pacing is far below).
                 arrived = time.monotonic()
-                acked_at = [arrived - wait for wait in held]
+                most = self.config.resend_after
+                acked_at = [arrived - min(wait, most) for wait in held]
                 if self.observer is not None:
                     for mid, at in zip(acked, acked_at, strict=True):
                         self.observer.uplink_acked(mid, at)

@@ -191,7 +191,7 @@ class _Pending:
     media_done: asyncio.Event = field(default_factory=asyncio.Event)
     first_chunk_at: float | None = None
     uploaded_at: float | None = None
-    cloud_answered: bool = False
+    cloud_answered_at: float | None = None
     local_sent: bool = False
     local_started: bool = False
     cloud_text: list[str] = field(default_factory=list)
@@ -584,7 +584,7 @@ class Daemon:
     async def _hedge(self, pending: _Pending, at: float) -> None:
         """Start the phone's own answer if the cloud is silent at ``at``."""
         await asyncio.sleep(max(0.0, at - time.monotonic()))
-        if pending.cloud_answered or pending.local_started:
+        if pending.cloud_answered_at is not None or pending.local_started:
             return
         self.stats.hedges += 1
         pending.trace.hedged = True
@@ -614,7 +614,7 @@ class Daemon:
             await self._local_failed(pending)
             return
         pending.held.clear()
-        if pending.cloud_answered:
+        if pending.cloud_answered_at is not None:
             return  # the cloud won the race: its answer is on the glasses
         pending.local_sent = True
         self._send_answer(message.request_id, result.text, "local")
@@ -705,6 +705,8 @@ class Daemon:
             pending = None if final_of is None else self._pending.get(final_of)
             if pending is not None and pending.uploaded_at is None:
                 pending.uploaded_at = at  # the whole request is at the gateway
+                if pending.cloud_answered_at is not None:  # the answer came first
+                    self._first_token(pending)
         while len(self._final_parts) > _ROUTES_KEPT:
             self._final_parts.pop(next(iter(self._final_parts)))
 
@@ -730,18 +732,28 @@ class Daemon:
                 self.stats.cloud_answers += 1
                 self._answered(message.request_id, "cloud")
 
+    def _first_token(self, pending: _Pending) -> None:
+        """Learn one first-token time: request at the gateway to first piece.
+
+        Either may be known first: the gateway may hold its ack.
+        """
+        assert pending.uploaded_at is not None  # noqa: S101
+        assert pending.cloud_answered_at is not None  # noqa: S101
+        self.estimators.first_token(
+            pending.request.kind,
+            max(0.0, pending.cloud_answered_at - pending.uploaded_at),
+        )
+
     def _cloud_piece(self, message: Message) -> bool:
         """Learn from a piece of a cloud answer; whether to show it."""
         pending = self._pending.get(message.request_id)
         if pending is None:
             return True
         now = time.monotonic()
-        if not pending.cloud_answered:
-            pending.cloud_answered = True
+        if pending.cloud_answered_at is None:
+            pending.cloud_answered_at = now
             if pending.uploaded_at is not None:
-                self.estimators.first_token(
-                    pending.request.kind, max(0.0, now - pending.uploaded_at)
-                )
+                self._first_token(pending)
         with contextlib.suppress(RemoteProtocolError):
             pending.cloud_text.append(ResponseText.decode(message.body).text)
         if message.flags & MessageFlags.FINAL and pending.cloud_text:

@@ -6,7 +6,7 @@ The daemon reports observations as they happen, with the monotonic time it read
 
     estimators = Estimators()
     estimators.uplink_sent(key, len(payload), at=loop.time())   # a batch leaves
-    estimators.uplink_acked(key, at=loop.time())                # its signed ack
+    estimators.uplink_acked(key, at=loop.time() - held)         # its signed ack
     estimators.ble_bytes(len(photo), t0, t1)                    # a media transfer
     ...
     snapshot = estimators.snapshot(loop.time(), kind=request.kind, ...)
@@ -249,9 +249,14 @@ class UplinkEstimator:
     it), and lasting at least ``min_transfer_s``. An ack of a send that was
     sent again (same key) gives no sample (Karn's rule).
 
+    ``at`` of an ack is its arrival less the time the gateway says it held it
+    (docs/envelope.md §6), so samples taken while the phone streams leave out
+    the gateway's ack pacing.
+
     A link that just went dead shows before any ack returns: a send still
     unacknowledged past its expected ack (sent + round trip + its bytes and
-    those queued before it at the estimated throughput) raises the round-trip
+    those queued before it at the estimated throughput + ``ack_hold_s``, the
+    longest the gateway may hold an ack) raises the round-trip
     estimate to that age (less the transfer time) and, when the overdue
     backlog is at least ``throughput_sample_min_bytes``, caps the throughput at
     what the age implies (bytes / (age - round trip)); a small late send says
@@ -278,12 +283,19 @@ class UplinkEstimator:
             was bad a while ago is not assumed bad now, since the router
             routes away from a bad link and so stops learning about it;
             back to the prior until new samples come.
+        ack_hold_s: How long the gateway may hold an ack while the phone
+            streams (its ``ack_interval_s`` plus ``ack_delay_s``: 255 ms by
+            default, docs/cloud.md). Samples leave the hold out (each ack
+            says how long it held each id), so a send is overdue only past
+            its expected ack plus this allowance, and the round trip an
+            overdue send implies leaves it out too.
 
     Raises:
         ConfigError: A parameter is out of range.
     """
 
     __slots__ = (
+        "_ack_hold_s",
         "_bps",
         "_bps_prior",
         "_floor",
@@ -310,8 +322,10 @@ class UplinkEstimator:
         min_transfer_s: float = 0.02,
         max_pending: int = 256,
         max_age_s: float = 20.0,
+        ack_hold_s: float = 0.255,
     ) -> None:
         _positive("uplink rtt_prior_s", rtt_prior_s)
+        _at_least("uplink ack_hold_s", ack_hold_s, 0)
         _positive("uplink bps_prior", bps_prior)
         _at_least("uplink recent", recent, 1)
         _at_least("uplink floor_window", floor_window, 1)
@@ -329,6 +343,7 @@ class UplinkEstimator:
         self._throughput_min_bytes = throughput_sample_min_bytes
         self._min_transfer_s = min_transfer_s
         self._max_pending = max_pending
+        self._ack_hold_s = ack_hold_s
         self._pending: dict[bytes, _Send] = {}
         self._last_ack_at: float | None = None
         self._seq = 0
@@ -365,7 +380,9 @@ class UplinkEstimator:
             return
         for older in [k for k, s in self._pending.items() if s.seq < send.seq]:
             del self._pending[older]
-        previous_ack, self._last_ack_at = self._last_ack_at, at
+        previous_ack = self._last_ack_at
+        # Acks are dated back by their held time, so a later one may be earlier.
+        self._last_ack_at = at if previous_ack is None else max(previous_ack, at)
         elapsed = at - send.at
         if send.resent or elapsed < 0 or send.waking:
             return
@@ -414,16 +431,17 @@ class UplinkEstimator:
         worst_rtt = rtt
         cap = math.inf
         queued = 0
+        hold = self._ack_hold_s
         for send in self._pending.values():
             queued += max(send.nbytes, 1)
             age = now - send.at
             transfer = queued / bps
-            if age > rtt + transfer + send.waking:
-                worst_rtt = max(worst_rtt, age - transfer)
+            if age > rtt + transfer + send.waking + hold:
+                worst_rtt = max(worst_rtt, age - transfer - hold)
                 if queued >= self._throughput_min_bytes:
                     # Only a large backlog says anything about throughput; a
                     # small late send says the path is slow (round trip).
-                    cap = min(cap, queued / (age - rtt))
+                    cap = min(cap, queued / (age - rtt - hold))
         return worst_rtt, cap
 
     def rtt_s(self, now: float) -> float:
@@ -650,6 +668,10 @@ class FirstTokenEstimator:
         samples.append(seconds)
         self._all.append(seconds)
 
+    def samples(self, kind: RequestKind) -> tuple[float, ...]:
+        """The first-token times kept for ``kind``, oldest first, seconds."""
+        return tuple(self._by_kind.get(kind, ()))
+
     def estimate(self, kind: RequestKind) -> float:
         """The first-token quantile for ``kind``, seconds."""
         for samples in (self._by_kind.get(kind, ()), self._all):
@@ -716,7 +738,7 @@ class Estimators:
         self.radio.activity(at)
 
     def uplink_acked(self, key: bytes, at: float) -> None:
-        """The gateway's signed ack of batch ``key`` arrived at ``at``."""
+        """The gateway's signed ack of batch ``key``: its arrival less its held time."""
         self.uplink.acked(key, at)
         self.radio.activity(at)
 

@@ -281,11 +281,13 @@ async def chaos(tmp: Path, plan: Plan, *, forget: bool, uplink: str = "mqtt") ->
             )  # fmt: skip
             # A request processed last has no response line until its answer
             # is produced: wait until no new line has come for a while too.
+            deadline = time.monotonic() + plan.timeout
             seen: set[str] | None = None
             while seen != run.responses():
                 seen = run.responses()
                 await wait_until(
-                    lambda: run.responses() <= run.answered(), plan.timeout,
+                    lambda: run.responses() <= run.answered(),
+                    max(1.0, deadline - time.monotonic()),
                     "every answer at the glasses", run,
                 )  # fmt: skip
                 await asyncio.sleep(ANSWER_SETTLE_S)

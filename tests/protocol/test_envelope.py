@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import sys
 import zlib
 from collections.abc import Callable, Iterator
@@ -362,8 +363,22 @@ def test_ack_held_times_round_trip_per_id(world: World) -> None:
         world.verify(bytes(ack))
 
 
+def test_an_ack_of_the_layout_before_held_times_verifies_with_held_0(
+    world: World,
+) -> None:
+    """80 + 16 per id, as gateways signed before 2026-11-29."""
+    from protocol.envelope import _binding, _context
+
+    ids = [os.urandom(16) for _ in range(3)]
+    header = struct.pack(">BBIQH", ENVELOPE_VERSION, EnvelopeKind.ACK, KID, 41, 3)
+    signed = header + b"".join(ids)
+    context = _context(signed[:HEADER_SIZE], _binding(world.device_id, ACK_TOPIC))
+    legacy = signed + world.gateway[KID]._signing.sign(context + signed)
+    assert world.verify(legacy) == AckInfo(KID, 41, tuple(ids), (0.0,) * 3)
+
+
 @pytest.mark.parametrize(
-    "held", [[1, 2], [0, 0, 0, 0], [-1, 0, 0], [0, MAX_ACK_HELD_US + 1, 0]]
+    "held", [[1, 2], [0, 0, 0, 0], [-1, 0, 0], [0, MAX_ACK_HELD_US + 1, 0], [0, 1.0, 0]]
 )
 def test_ack_held_times_that_do_not_fit_are_refused(
     world: World, held: list[int]
@@ -933,7 +948,9 @@ def _plausible(rng: random.Random) -> bytes:
             header
             + rng.randbytes(8)
             + count.to_bytes(2, "big")
-            + rng.randbytes(16 * count + SIGNATURE_SIZE)
+            + rng.randbytes(
+                rng.choice((ACK_ENTRY_SIZE, MESSAGE_ID_SIZE)) * count + SIGNATURE_SIZE
+            )
         )
     return header + rng.randbytes(rng.randint(40, 260))
 

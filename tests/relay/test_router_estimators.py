@@ -99,7 +99,7 @@ def test_uplink_rtt_robust_to_one_outlier_and_reacts_within_two_samples() -> Non
 
 
 def test_unacked_send_raises_rtt_to_its_age() -> None:
-    uplink = UplinkEstimator(max_age_s=1e9)
+    uplink = UplinkEstimator(max_age_s=1e9, ack_hold_s=0)
     for i in range(3):
         _rtt_sample(uplink, i, 0.08, at=float(i))
     uplink.sent(b"lost", 300, at=100.0)
@@ -115,7 +115,7 @@ def test_unacked_send_raises_rtt_to_its_age() -> None:
 
 
 def test_unacked_backlog_caps_throughput() -> None:
-    uplink = UplinkEstimator()
+    uplink = UplinkEstimator(ack_hold_s=0)
     for i in range(3):
         _rtt_sample(uplink, i, 0.08, at=float(i))
     uplink.sent(b"media", 20_000, at=100.0)  # 0.08 s expected at 250 kB/s
@@ -128,13 +128,14 @@ def test_sends_on_a_waking_radio_give_no_rtt_sample_and_get_an_allowance() -> No
     estimators = Estimators()
     estimators.uplink_sent(b"first", 300, at=0.0)  # the radio was cold
     assert estimators.rtt_s(1.0) == 0.08  # within the 1.6 s wake-up allowance
-    assert estimators.rtt_s(2.0) == pytest.approx(2.0, abs=0.01)
+    # Past it and the gateway's ack hold (255 ms): the age, less that hold.
+    assert estimators.rtt_s(2.0) == pytest.approx(2.0 - 0.255, abs=0.01)
     estimators.uplink_acked(b"first", at=0.9)
     assert estimators.rtt_s(3.0) == 0.08  # the promotion is not the path
 
 
 def test_a_big_send_is_not_overdue_while_its_bytes_are_in_transit() -> None:
-    uplink = UplinkEstimator(bps_prior=100_000.0)
+    uplink = UplinkEstimator(bps_prior=100_000.0, ack_hold_s=0)
     uplink.sent(b"photo", 100_000, at=0.0)  # ≈1 s at 100 kB/s, + 80 ms
     assert uplink.rtt_s(1.0) == pytest.approx(0.08)
     assert uplink.rtt_s(3.0) == pytest.approx(2.0)
@@ -185,8 +186,22 @@ def test_uplink_down_forgets_pending_sends() -> None:
     assert uplink.rtt_s(6.0) == 0.08
 
 
+def test_a_send_the_gateway_may_still_hold_is_not_overdue() -> None:
+    """Acks dated back by their held time give the bare round trip; a send
+    is overdue only past it plus the gateway's longest hold (ack_hold_s),
+    and the round trip it implies leaves the hold out."""
+    uplink = UplinkEstimator(max_age_s=1e9, ack_hold_s=0.25)
+    for i in range(3):
+        _rtt_sample(uplink, i, 0.02, at=float(i))
+    uplink.sent(b"held", 300, at=100.0)
+    assert uplink.rtt_s(100.2) == pytest.approx(0.02)  # maybe held: not overdue
+    assert uplink.rtt_s(102.0) == pytest.approx(2.0 - 0.25, abs=0.01)
+    uplink.acked(b"held", 100.03)  # arrived at 100.28, held 250 ms
+    assert uplink.rtt_s(103.0) == pytest.approx(0.02)  # median of 0.02, 0.02, 0.03
+
+
 def test_uplink_tracks_a_bounded_number_of_sends() -> None:
-    uplink = UplinkEstimator(max_pending=2)
+    uplink = UplinkEstimator(max_pending=2, ack_hold_s=0)
     for i in range(5):
         uplink.sent(b"%d" % i, 100, float(i))
     assert uplink.pending == 2
