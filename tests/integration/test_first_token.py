@@ -15,18 +15,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from daemon_bed import daemon_on_bed
 from servers import Mosquitto
 
 from protocol.bodies import Request, RequestKind, ResponseText
 from protocol.constants import MessageFlags, MessageKind
 from protocol.message import Message
-from relay.ble.link import LinkConfig
-from relay.daemon import Daemon, DaemonConfig
 from relay.identity import PhoneIdentity
-from relay.outbox import Outbox
-from relay.sim.bed import in_process
-from relay.sim.glasses import GlassesAppConfig
-from relay.sim.profiles import UNSHAPED
 from relay.uplink.factory import uplink_factory
 from tools.cloud.app import CloudGateway
 from tools.cloud.assistant import LatencyModel
@@ -48,7 +43,6 @@ async def test_first_token_is_learnt_when_the_answer_beats_the_held_ack(
 ) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    (state / "phone").mkdir(mode=0o700)
     broker = Mosquitto(tmp_path / "broker")
     await broker.start()
     gateway = CloudGateway(
@@ -64,18 +58,10 @@ async def test_first_token_is_learnt_when_the_answer_beats_the_held_ack(
     answers: asyncio.Queue[str] = asyncio.Queue()
     try:
         await asyncio.wait_for(gateway.wait_ready(), 30)
-        async with (
-            await Outbox.open(state / "phone" / "outbox.sqlite3") as outbox,
-            in_process(state, UNSHAPED, GlassesAppConfig(scenario=None)) as bed,
-        ):
-            daemon = Daemon(
-                DaemonConfig(state_dir=state, link=LinkConfig(scan_timeout=5)),
-                bed.backend,
-                uplink_factory(
-                    "mqtt", device_id=PhoneIdentity(state).device_id, broker=broker.url
-                ),
-                outbox=outbox,
-            )
+        make_uplink = uplink_factory(
+            "mqtt", device_id=PhoneIdentity(state).device_id, broker=broker.url
+        )
+        async with daemon_on_bed(state, make_uplink) as (daemon, bed):
             times = daemon.estimators.first_token_times
 
             def on_response(message: Message, at: float) -> None:

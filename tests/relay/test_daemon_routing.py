@@ -12,15 +12,12 @@ import contextlib
 import time
 from pathlib import Path
 
+from daemon_bed import daemon_on_bed
+
 from protocol.bodies import Request, RequestKind, ResponseText
 from protocol.constants import MessageFlags, MessageKind
 from protocol.message import Message
-from relay.ble.link import LinkConfig
-from relay.daemon import Daemon, DaemonConfig
-from relay.outbox import Outbox
-from relay.sim.bed import in_process
-from relay.sim.glasses import GlassesAppConfig
-from relay.sim.profiles import UNSHAPED
+from relay.daemon import Daemon
 
 
 def reliable(
@@ -33,18 +30,9 @@ def reliable(
 async def ask_and_wait(tmp_path: Path, *, media_first: bool) -> tuple[str, str, Daemon]:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    (state / "phone").mkdir(mode=0o700)
     answers: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-    async with (
-        await Outbox.open(state / "phone" / "outbox.sqlite3") as outbox,
-        in_process(state, UNSHAPED, GlassesAppConfig(scenario=None)) as bed,
-    ):
-        daemon = Daemon(
-            DaemonConfig(state_dir=state, link=LinkConfig(scan_timeout=5)),
-            bed.backend,
-            None,  # no uplink: the phone answers what it can
-            outbox=outbox,
-        )
+    # No uplink: the phone answers what it can.
+    async with daemon_on_bed(state, None) as (daemon, bed):
 
         def on_response(message: Message, at: float) -> None:
             del at
