@@ -29,6 +29,8 @@ from typing import Final
 from protocol.errors import LimitExceededError, LocalProtocolError, MalformedError
 
 __all__ = [
+    "ACK_DELAY_S",
+    "ACK_INTERVAL_S",
     "DEFAULT_PREFIX",
     "MAX_BATCH_ITEMS",
     "Channels",
@@ -40,6 +42,14 @@ __all__ = [
 ]
 
 DEFAULT_PREFIX: Final = "gr/v1"
+ACK_DELAY_S: Final = 0.005
+"""Default seconds a gateway gathers a device's acks before signing them."""
+ACK_INTERVAL_S: Final = 0.25
+"""Default least seconds between a gateway's acks to a streaming device.
+
+With :data:`ACK_DELAY_S`, the longest a gateway holds an ack: the phone's
+round-trip estimator allows for their sum before it calls a send overdue.
+"""
 MAX_BATCH_ITEMS: Final = 1024
 MAX_BATCH_BYTES: Final = 4 << 20
 _LEN: Final = struct.Struct(">I")

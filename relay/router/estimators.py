@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from protocol.bodies import RequestKind
+from protocol.cloud import ACK_DELAY_S, ACK_INTERVAL_S
 from relay.errors import ConfigError
 from relay.router.decide import LocalOption, Snapshot
 
@@ -322,7 +323,7 @@ class UplinkEstimator:
         min_transfer_s: float = 0.02,
         max_pending: int = 256,
         max_age_s: float = 20.0,
-        ack_hold_s: float = 0.255,
+        ack_hold_s: float = ACK_INTERVAL_S + ACK_DELAY_S,
     ) -> None:
         _positive("uplink rtt_prior_s", rtt_prior_s)
         _at_least("uplink ack_hold_s", ack_hold_s, 0)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from protocol.cloud import DEFAULT_PREFIX
+from protocol.cloud import ACK_DELAY_S, ACK_INTERVAL_S, DEFAULT_PREFIX
 from protocol.envelope import EPOCH_CACHE_ENTRIES
 from relay.errors import ConfigError
 from relay.uplink import Backoff, parse_broker_url
@@ -322,8 +322,8 @@ class GatewayConfig:
     prefix: str = DEFAULT_PREFIX
     idempotency_ttl_s: float = DEFAULT_IDEMPOTENCY_TTL_S
     assembly_ttl_s: float = 86_400.0
-    ack_delay_s: float = 0.005
-    ack_interval_s: float = 0.25
+    ack_delay_s: float = ACK_DELAY_S
+    ack_interval_s: float = ACK_INTERVAL_S
     ack_max_ids: int = 64
     resend_initial_s: float = 2.0
     resend_cap_s: float = 30.0
