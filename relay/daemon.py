@@ -226,6 +226,12 @@ async def supervise(
             _LOGGER.error("%s: %s", name, exc)  # noqa: TRY400
             raise
         except Exception:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled, and clean-up code raised something else on the
+                # way out: stop as cancelled rather than restart.
+                _LOGGER.debug("%s failed while cancelled", name, exc_info=True)
+                raise asyncio.CancelledError from None
             restarts[name] = restarts.get(name, 0) + 1
             if time.monotonic() - started > 60:
                 attempt = 0

@@ -426,7 +426,13 @@ class BleLink:
         await self._lost.wait()
 
     async def aclose(self) -> None:
-        """Stop writing and disconnect; safe to call twice."""
+        """Stop writing and disconnect; safe to call twice.
+
+        A failure to disconnect is not raised (the link is given up either
+        way). Called while the task is being cancelled, it raises
+        ``CancelledError`` once done, whatever the backend raised meanwhile:
+        a cancellation must not turn into a link failure that is retried.
+        """
         self._set_lost()
         tap, self._tap = self._tap, None
         if tap is not None:
@@ -434,11 +440,14 @@ class BleLink:
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+                await self._writer  # ours, or this task's: re-raised below
             self._writer = None
         with contextlib.suppress(BleakError, TimeoutError, OSError):
             async with asyncio.timeout(5.0):
                 await self._client.disconnect()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
 
     async def __aenter__(self) -> BleLink:
         """Use as ``async with await BleLink.connect(...) as link``."""

@@ -677,12 +677,13 @@ class BumbleBleakClient(BaseBleakClient):
 
         Raises:
             TimeoutError: the link did not report the disconnection in time.
+            BleakError: the radio failed (e.g. its HCI transport was lost).
         """
         connection = self._connection
         if connection is None:
             return
         async with asyncio.timeout(DISCONNECT_TIMEOUT_S):
-            with contextlib.suppress(hci.HCI_Error):
+            with self._translate("disconnect"), contextlib.suppress(hci.HCI_Error):
                 await connection.disconnect()
 
     async def pair(self, *args: Any, **kwargs: Any) -> None:

@@ -49,6 +49,37 @@ async def test_cancellation_is_not_a_failure() -> None:
     assert restarts == {}
 
 
+async def test_a_cancellation_that_clean_up_turns_into_an_error_still_stops() -> None:
+    """Clean-up on the way out raises something else (a Bluetooth transport
+    lost while disconnecting): that is still a cancellation, not a failure to
+    restart (the daemon hung on SIGTERM that way)."""
+    restarts: dict[str, int] = {}
+    entered = asyncio.Event()
+    failed = False
+
+    async def link() -> None:
+        nonlocal failed
+        try:
+            entered.set()
+            await asyncio.Event().wait()
+        finally:
+            if not failed:  # once: a restarted link would block again
+                failed = True
+                await asyncio.sleep(0)
+                raise RuntimeError("transport lost")
+
+    task = asyncio.create_task(supervise("link", link, restarts, base=0.01))
+    await entered.wait()
+    task.cancel()
+    await asyncio.wait({task}, timeout=5)
+    try:
+        assert task.cancelled()
+        assert restarts == {}
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def read_ledger(path: Path) -> list[dict[str, object]]:
     if not path.exists():
         return []
@@ -101,3 +132,42 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_sigterm_as_the_glasses_process_dies_still_stops_the_daemon(
+    tmp_path: Path,
+) -> None:
+    """The glasses' process killed and SIGTERM at the same moment: the link's
+    teardown fails (the HCI transport is gone) while the daemon is being
+    cancelled. It used to take that for a link failure, restart the link and
+    never exit."""
+    state = tmp_path / "state"
+    ledger = tmp_path / "glasses.jsonl"
+    port = _free_port()
+    sim = subprocess.Popen(
+        [str(SCRIPT), "--state-dir", str(state), "sim", "--hci",
+         f"tcp-server:127.0.0.1:{port}", "--scenario", "stress", "--profile",
+         "unshaped", "--ledger", str(ledger)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    daemon = subprocess.Popen(
+        [str(SCRIPT), "--state-dir", str(state), "run", "--sim",
+         f"tcp-client:127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            if sum(e["event"] == "acked" for e in read_ledger(ledger)) >= 50:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the glasses and the daemon never exchanged 50 messages")
+        sim.kill()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=15) == 0
+    finally:
+        for process in (daemon, sim):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
