@@ -133,9 +133,15 @@ def _no_tag(decoder: object, value: object) -> object:
 
 
 _ALL_TAGS: Final = _Tags()
+_CBOR_MAP: Final = 5
+"""The major type (the initial byte's top three bits) of a CBOR map."""
 
 
 def _loads(data: bytes) -> dict[str, object]:
+    if not data or data[0] >> 5 != _CBOR_MAP:
+        # Not a map: refused before cbor2 builds a decoder (the daemon peeks
+        # into every EVENT, whatever its body).
+        raise MalformedError("structured body must be a map with text keys")
     try:
         value = cbor2.loads(
             data,

@@ -401,12 +401,11 @@ class CloudLink:
         drained_at: int | None = None
         while True:
             await uplink.wait_connected()
-            stats = uplink.stats()
-            if stats.reconnects != reconnects:
+            if uplink.reconnects != reconnects:
                 # A new connection: everything unacknowledged goes again, in order.
                 if reconnects >= 0 and self.observer is not None:
                     self.observer.uplink_down(time.monotonic())
-                reconnects = stats.reconnects
+                reconnects = uplink.reconnects
                 self._in_flight.clear()
                 drained_at = None
                 await self._announce_online()
@@ -494,11 +493,17 @@ class CloudLink:
                 for row in rows:
                     self._in_flight.pop(row.msg_id, None)
                 continue
-            # Not awaited, and lazy: it shares a transaction with the next puts
-            # or acks. The counts that matter now are kept here.
-            self.outbox.mark_attempt_soon(
-                [r.msg_id for r in rows], lazy=True
-            ).add_done_callback(_log_failure)
+            # Only resends are recorded in the outbox: a first send is what an
+            # ack nearly always follows, and marking it cost a row update per
+            # message. So after a restart a row sent once before it counts as
+            # not yet sent (one backoff step less). Not awaited, and lazy: it
+            # shares a transaction with the next puts or acks; the counts
+            # that matter now are kept here.
+            again = [row.msg_id for row, done in zip(rows, tries, strict=True) if done]
+            if again:
+                self.outbox.mark_attempt_soon(again, lazy=True).add_done_callback(
+                    _log_failure
+                )
 
     async def _announce_online(self) -> None:
         """Tell the gateway we are back (it resends unacknowledged answers)."""

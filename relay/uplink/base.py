@@ -156,6 +156,11 @@ class Uplink(Protocol):
         """The connection's current state."""
         ...
 
+    @property
+    def reconnects(self) -> int:
+        """Connections after the first (``stats().reconnects``, no snapshot)."""
+        ...
+
     async def start(self) -> None:
         """Validate what can be checked offline and start connecting in the background.
 

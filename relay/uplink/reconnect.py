@@ -179,12 +179,17 @@ class ReconnectingUplink(abc.ABC, Generic[ConnT]):
         """Where this uplink connects."""
         return self._endpoint
 
+    @property
+    def reconnects(self) -> int:
+        """Connections after the first (``stats().reconnects``, no snapshot)."""
+        return max(0, self._connects - 1)
+
     def stats(self) -> UplinkStats:
         """Return a snapshot of the counters."""
         return UplinkStats(
             state=self._state,
             connects=self._connects,
-            reconnects=max(0, self._connects - 1),
+            reconnects=self.reconnects,
             publishes=self._publishes,
             bytes_sent=self._bytes_sent,
             in_flight=self._in_flight,

@@ -959,3 +959,70 @@ async def test_processing_rate_over_mqtt(mosquitto: Server, state: Path) -> None
     rate = count / elapsed
     print(f"gateway processing rate over MQTT: {rate:.0f} envelopes/s")
     assert rate > 200
+
+
+@dataclass
+class SendCount(AckTimes):
+    """AckTimes that also counts payloads sent (first sends and resends)."""
+
+    count: int = 0
+
+    def uplink_sent(self, key: bytes, nbytes: int, at: float) -> None:
+        super().uplink_sent(key, nbytes, at)
+        self.count += 1
+        self.changed.set()
+
+    async def reach(self, count: int) -> None:
+        while self.count < count:
+            self.changed.clear()
+            await self.changed.wait()
+
+
+async def test_the_outbox_records_resends_not_first_sends(
+    mosquitto: Server, state: Path
+) -> None:
+    """The real cloud link over MQTT with a gateway holding its acks: the
+    first send of a row writes nothing to the outbox (a row update per
+    message saved), the resend after ``resend_after`` is recorded."""
+    from relay.cloudlink import CloudConfig, CloudLink
+    from relay.identity import PhoneIdentity
+    from relay.outbox import Outbox, OutboxRow, Priority
+    from relay.uplink.factory import uplink_factory
+
+    cfg = config(state, broker_url=mosquitto.url, ack_delay_s=1.0, ack_interval_s=1.0)
+    async with running(cfg):
+        identity = PhoneIdentity(state)
+        (state / "phone").mkdir(mode=0o700, exist_ok=True)
+        outbox = await Outbox.open(state / "phone" / "outbox.sqlite3")
+        make_uplink = uplink_factory(
+            "mqtt", device_id=identity.device_id, broker=mosquitto.url
+        )
+        sends = SendCount()
+        link = CloudLink(
+            identity,
+            outbox,
+            make_uplink,
+            lambda m: None,
+            observer=sends,
+            config=CloudConfig(resend_after=0.2),
+        )
+
+        async def written() -> list[OutboxRow]:
+            await outbox.ack([bytes(16)])  # not lazy: the lazy writes go first
+            return await outbox.next_batch(10, 10**6)
+
+        task = asyncio.create_task(link.run())
+        try:
+            tick = telemetry(1)
+            async with asyncio.timeout(WAIT_S):
+                await link.put(tick, Priority.NORMAL)
+                await sends.reach(1)
+                (row,) = await written()
+                assert (row.msg_id, row.attempts) == (tick.message_id, 0)
+                await sends.reach(2)  # resent
+                (row,) = await written()
+                assert row.attempts == 1
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await outbox.close()

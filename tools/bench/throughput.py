@@ -789,23 +789,24 @@ class _Probe:
 
     def _run(self) -> None:
         window: tuple[float, float] | None = None
-        while not self._stop.wait(0.05):
-            if window is None:
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    data = json.loads(self.control.read_text())
-                    window = (float(data["start"]), float(data["end"]))
-                continue
-            now = time.time()
-            if "start" not in self.marks and now >= window[0]:
-                self._mark("start")
-                self.sampler.active = True
-            elif "start" in self.marks and "end" not in self.marks and now >= window[1]:
-                self.sampler.active = False
-                self._mark("end")
-            elif "end" in self.marks and not self.written:
-                self._stop.wait(0.2)  # let the loop count its tasks
-                self.write()
+        while window is None:
+            if self._stop.wait(0.05):
                 return
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                data = json.loads(self.control.read_text())
+                window = (float(data["start"]), float(data["end"]))
+        # Asleep until each mark, not polling: this thread's wake-ups would be
+        # charged to the daemon's CPU (20 a second inside the window before).
+        if self._stop.wait(max(0.0, window[0] - time.time())):
+            return
+        self._mark("start")
+        self.sampler.active = True
+        if self._stop.wait(max(0.0, window[1] - time.time())):
+            return
+        self.sampler.active = False
+        self._mark("end")
+        self._stop.wait(0.2)  # let the loop count its tasks
+        self.write()
 
     def write(self) -> None:
         self.written = True
