@@ -701,12 +701,13 @@ class Daemon:
 
     def _on_cloud_acked(self, ids: list[bytes], processed_at: list[float]) -> None:
         # processed_at: each ack's arrival less the time the gateway held it.
-        now = time.monotonic()
         for mid, at in zip(ids, processed_at, strict=True):
             request_id = self._by_message.pop(mid, None)
             trace = None if request_id is None else self.traces.get(request_id)
             if trace is not None and trace.cloud_acked is None:
-                trace.cloud_acked = now
+                # When the gateway had it, as the router counts it: a held
+                # ack's arrival would put this hop after the answer's.
+                trace.cloud_acked = at
             final_of = self._final_parts.pop(mid, None)
             pending = None if final_of is None else self._pending.get(final_of)
             if pending is not None and pending.uploaded_at is None:

@@ -89,6 +89,7 @@ async def test_first_token_is_learnt_when_the_answer_beats_the_held_ack(
                     answered_at = time.monotonic()
                     await poll(lambda: times.samples(RequestKind.TEXT_QUERY))
                     learnt_at = time.monotonic()
+                    trace = daemon.traces[7]
             finally:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -104,3 +105,7 @@ async def test_first_token_is_learnt_when_the_answer_beats_the_held_ack(
     assert learnt_at - answered_at >= HOLD_S / 4
     (seconds,) = times.samples(RequestKind.TEXT_QUERY)
     assert 0 <= seconds < HOLD_S / 2
+    # The request's trace keeps its hops in order: at the gateway, then answered.
+    assert trace.cloud_acked is not None
+    assert trace.first_answer is not None
+    assert trace.received <= trace.cloud_acked <= trace.first_answer
