@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,8 +88,14 @@ def read_ledger(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_sigterm_during_traffic_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    """Acked messages survive a SIGTERM in the middle of traffic (in the outbox)."""
+@contextlib.contextmanager
+def glasses_and_daemon(
+    tmp_path: Path,
+) -> Iterator[tuple[Path, subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
+    """``glasses-relay sim`` (stress, unshaped) and a daemon on it, two processes.
+
+    Yields the glasses' ledger, the sim and the daemon; stops what still runs.
+    """
     state = tmp_path / "state"
     ledger = tmp_path / "glasses.jsonl"
     port = _free_port()
@@ -97,26 +105,45 @@ def test_sigterm_during_traffic_loses_nothing_acknowledged(tmp_path: Path) -> No
          "unshaped", "--ledger", str(ledger)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    daemon = subprocess.Popen(
+        [str(SCRIPT), "--state-dir", str(state), "run", "--sim",
+         f"tcp-client:127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     try:
-        daemon = subprocess.Popen(
-            [str(SCRIPT), "--state-dir", str(state), "run", "--sim",
-             f"tcp-client:127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:
-            if sum(e["event"] == "acked" for e in read_ledger(ledger)) >= 200:
-                break
-            time.sleep(0.1)
+        yield ledger, sim, daemon
+    finally:
+        for process in (daemon, sim):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def wait_acked(ledger: Path, count: int, within: float = 40) -> bool:
+    """Wait until the glasses' ledger has ``count`` acked messages."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if sum(e["event"] == "acked" for e in read_ledger(ledger)) >= count:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_sigterm_during_traffic_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """Acked messages survive a SIGTERM in the middle of traffic (in the outbox)."""
+    state = tmp_path / "state"
+    with glasses_and_daemon(tmp_path) as (ledger, _, daemon):
+        wait_acked(ledger, 200)
         started = time.monotonic()
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=10) == 0
         assert time.monotonic() - started < 5
         acked = {e["id"] for e in read_ledger(ledger) if e["event"] == "acked"}
         assert len(acked) >= 200
-    finally:
-        sim.send_signal(signal.SIGTERM)
-        sim.wait(timeout=10)
     # Everything acknowledged is in the outbox (no cloud was configured).
     import sqlite3
 
@@ -141,33 +168,9 @@ def test_sigterm_as_the_glasses_process_dies_still_stops_the_daemon(
     teardown fails (the HCI transport is gone) while the daemon is being
     cancelled. It used to take that for a link failure, restart the link and
     never exit."""
-    state = tmp_path / "state"
-    ledger = tmp_path / "glasses.jsonl"
-    port = _free_port()
-    sim = subprocess.Popen(
-        [str(SCRIPT), "--state-dir", str(state), "sim", "--hci",
-         f"tcp-server:127.0.0.1:{port}", "--scenario", "stress", "--profile",
-         "unshaped", "--ledger", str(ledger)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    daemon = subprocess.Popen(
-        [str(SCRIPT), "--state-dir", str(state), "run", "--sim",
-         f"tcp-client:127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:
-            if sum(e["event"] == "acked" for e in read_ledger(ledger)) >= 50:
-                break
-            time.sleep(0.1)
-        else:
+    with glasses_and_daemon(tmp_path) as (ledger, sim, daemon):
+        if not wait_acked(ledger, 50):
             pytest.fail("the glasses and the daemon never exchanged 50 messages")
         sim.kill()
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=15) == 0
-    finally:
-        for process in (daemon, sim):
-            if process.poll() is None:
-                process.kill()
-                process.wait()

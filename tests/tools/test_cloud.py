@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 import aiomqtt
@@ -56,6 +56,10 @@ from relay.errors import ConfigError
 from relay.uplink import Backoff
 from tools.cloud import register
 from tools.cloud.app import CloudGateway
+
+if TYPE_CHECKING:
+    from relay.cloudlink import CloudConfig, CloudLink
+    from relay.outbox import Outbox
 from tools.cloud.assistant import (
     AssembledRequest,
     BuiltinAssistant,
@@ -426,6 +430,38 @@ async def test_acks_are_paced_per_device_and_sent_at_qos_0(
     assert {qos for qos, has_acks in phone.qos if not has_acks} == {1}
 
 
+@asynccontextmanager
+async def phone_link(
+    state: Path,
+    broker: Server,
+    *,
+    observer: AckTimes,
+    config: CloudConfig | None = None,
+) -> AsyncIterator[tuple[CloudLink, Outbox]]:
+    """The real cloud link of a phone over MQTT, running, with its outbox."""
+    from relay.cloudlink import CloudLink
+    from relay.identity import PhoneIdentity
+    from relay.outbox import Outbox
+    from relay.uplink.factory import uplink_factory
+
+    identity = PhoneIdentity(state)
+    (state / "phone").mkdir(mode=0o700, exist_ok=True)
+    outbox = await Outbox.open(state / "phone" / "outbox.sqlite3")
+    make_uplink = uplink_factory(
+        "mqtt", device_id=identity.device_id, broker=broker.url
+    )
+    link = CloudLink(
+        identity, outbox, make_uplink, lambda m: None, observer=observer, config=config
+    )
+    task = asyncio.create_task(link.run())
+    try:
+        yield link, outbox
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await outbox.close()
+
+
 @dataclass
 class AckTimes:
     """A cloud link observer: when each payload left, when its ack counted."""
@@ -457,36 +493,20 @@ async def test_the_phone_leaves_the_gateways_hold_out_of_its_ack_times(
     for its ack_interval_s reach the router's observer dated as if unheld
     (arrival less the held time the ack carries), so round-trip samples
     taken while the phone streams do not grow with the interval."""
-    from relay.cloudlink import CloudLink
-    from relay.identity import PhoneIdentity
-    from relay.outbox import Outbox, Priority
-    from relay.uplink.factory import uplink_factory
+    from relay.outbox import Priority
 
     interval = 0.4
     times = AckTimes()
     cfg = config(state, broker_url=mosquitto.url, ack_interval_s=interval)
-    async with running(cfg):
-        identity = PhoneIdentity(state)
-        (state / "phone").mkdir(mode=0o700, exist_ok=True)
-        outbox = await Outbox.open(state / "phone" / "outbox.sqlite3")
-        make_uplink = uplink_factory(
-            "mqtt", device_id=identity.device_id, broker=mosquitto.url
-        )
-        link = CloudLink(identity, outbox, make_uplink, lambda m: None, observer=times)
-        task = asyncio.create_task(link.run())
-        try:
-            sent = [telemetry(n) for n in range(4)]
-            async with asyncio.timeout(WAIT_S):
-                for tick in sent:  # the first after a quiet spell, then held
-                    await link.put(tick, Priority.NORMAL)
-                    while tick.message_id not in {k for k, _, _ in times.acked}:
-                        times.changed.clear()
-                        await times.changed.wait()
-                    await asyncio.sleep(0.05)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await outbox.close()
+    async with running(cfg), phone_link(state, mosquitto, observer=times) as (link, _):
+        sent = [telemetry(n) for n in range(4)]
+        async with asyncio.timeout(WAIT_S):
+            for tick in sent:  # the first after a quiet spell, then held
+                await link.put(tick, Priority.NORMAL)
+                while tick.message_id not in {k for k, _, _ in times.acked}:
+                    times.changed.clear()
+                    await times.changed.wait()
+                await asyncio.sleep(0.05)
     samples = [
         (at - times.sent[key], called - times.sent[key])
         for key, at, called in times.acked
@@ -984,45 +1004,28 @@ async def test_the_outbox_records_resends_not_first_sends(
     """The real cloud link over MQTT with a gateway holding its acks: the
     first send of a row writes nothing to the outbox (a row update per
     message saved), the resend after ``resend_after`` is recorded."""
-    from relay.cloudlink import CloudConfig, CloudLink
-    from relay.identity import PhoneIdentity
-    from relay.outbox import Outbox, OutboxRow, Priority
-    from relay.uplink.factory import uplink_factory
+    from relay.cloudlink import CloudConfig
+    from relay.outbox import OutboxRow, Priority
 
+    sends = SendCount()
     cfg = config(state, broker_url=mosquitto.url, ack_delay_s=1.0, ack_interval_s=1.0)
-    async with running(cfg):
-        identity = PhoneIdentity(state)
-        (state / "phone").mkdir(mode=0o700, exist_ok=True)
-        outbox = await Outbox.open(state / "phone" / "outbox.sqlite3")
-        make_uplink = uplink_factory(
-            "mqtt", device_id=identity.device_id, broker=mosquitto.url
-        )
-        sends = SendCount()
-        link = CloudLink(
-            identity,
-            outbox,
-            make_uplink,
-            lambda m: None,
-            observer=sends,
-            config=CloudConfig(resend_after=0.2),
-        )
+    async with (
+        running(cfg),
+        phone_link(
+            state, mosquitto, observer=sends, config=CloudConfig(resend_after=0.2)
+        ) as (link, outbox),
+    ):
 
         async def written() -> list[OutboxRow]:
             await outbox.ack([bytes(16)])  # not lazy: the lazy writes go first
             return await outbox.next_batch(10, 10**6)
 
-        task = asyncio.create_task(link.run())
-        try:
-            tick = telemetry(1)
-            async with asyncio.timeout(WAIT_S):
-                await link.put(tick, Priority.NORMAL)
-                await sends.reach(1)
-                (row,) = await written()
-                assert (row.msg_id, row.attempts) == (tick.message_id, 0)
-                await sends.reach(2)  # resent
-                (row,) = await written()
-                assert row.attempts == 1
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await outbox.close()
+        tick = telemetry(1)
+        async with asyncio.timeout(WAIT_S):
+            await link.put(tick, Priority.NORMAL)
+            await sends.reach(1)
+            (row,) = await written()
+            assert (row.msg_id, row.attempts) == (tick.message_id, 0)
+            await sends.reach(2)  # resent
+            (row,) = await written()
+            assert row.attempts == 1
