@@ -4,6 +4,10 @@
   gateway key is known yet, keeps it in the outbox under :data:`UNSEALED`
   until the key arrives and it is sealed once) and stores it durably; only
   then may the caller acknowledge the message to the glasses.
+  :meth:`CloudLink.submit` does the same without waiting, and while the
+  uplink is connected lets the outbox hold the envelope unwritten for
+  ``outbox.write_delay``: sent at once, and never written if the gateway's
+  signed ack comes first (durable there: docs/cloud.md).
 - The pump sends outbox rows in priority order, several envelopes per
   payload, within a send window; a row leaves the outbox only when a signed
   acknowledgement from the gateway names it. Rows not acknowledged are resent
@@ -243,12 +247,15 @@ class CloudLink:
     ) -> PutOutcome:
         """Seal and store ``message`` durably; acknowledge it to the glasses after.
 
+        Written at once (never held for the gateway's acknowledgement: a
+        caller awaiting each put in turn would wait ``write_delay`` each).
+
         Returns:
             The outcome: STORED or DUPLICATE mean durable (acknowledge it);
             REFUSED_FULL means not stored (do not acknowledge: backpressure).
         """
         future = await self.submit(
-            message, priority, realtime=realtime, expires_at=expires_at
+            message, priority, realtime=realtime, expires_at=expires_at, hold=False
         )
         return await future
 
@@ -259,6 +266,7 @@ class CloudLink:
         *,
         realtime: bool = False,
         expires_at: float | None = None,
+        hold: bool = True,
     ) -> asyncio.Future[PutOutcome]:
         """Seal ``message`` and queue it for the outbox, without waiting for the commit.
 
@@ -266,12 +274,22 @@ class CloudLink:
         future gives the outcome as :meth:`put` does, once committed (act on
         it then: acknowledge STORED and DUPLICATE), or the storage error.
         Messages submitted back to back share one transaction.
+
+        With ``hold``, while the uplink is connected and the message can be
+        sealed, the outbox holds it unwritten for ``outbox.write_delay``
+        (sent at once; never written if the gateway acknowledges it first:
+        the future then gives ACKNOWLEDGED, durable at the gateway). Held
+        messages do not count against ``max_pending_puts``; the outbox
+        bounds them itself.
         """
         while self._pending_puts >= self.config.max_pending_puts:
             self._put_room.clear()
             await self._put_room.wait()
         item = self._item(message, priority, realtime, expires_at)
-        future = self.outbox.put_soon(item)
+        hold = hold and item.topic != UNSEALED and self.connected
+        future = self.outbox.put_soon(item, hold=hold)
+        if hold and self.outbox.holds(item.msg_id):
+            return future
         self._pending_puts += 1
         future.add_done_callback(self._put_done)
         return future

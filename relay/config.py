@@ -391,6 +391,18 @@ KEYS: Final[tuple[Key, ...]] = (
         _OUTBOX.synchronous.lower(),
     ),
     Key("outbox", "inline_commit", _Bool(), _OUTBOX.inline_commit),
+    Key(
+        "outbox",
+        "write_delay",
+        _Float(0, 5, lo_open=False),
+        _OUTBOX.write_delay,
+    ),
+    Key(
+        "outbox",
+        "max_unwritten_bytes",
+        _Int(1, unit="bytes"),
+        _OUTBOX.max_unwritten_bytes,
+    ),
     Key("cloud", "max_in_flight", _POSITIVE, _CLOUD.max_in_flight),
     Key("cloud", "batch_items", _Int(1, 1024), _CLOUD.batch_items),
     Key("cloud", "batch_bytes", _Int(1024, 512 * 1024, "bytes"), _CLOUD.batch_bytes),
@@ -855,6 +867,8 @@ def _build(
                 lazy_flush_interval=v.get_float("outbox.lazy_flush_interval"),
                 synchronous=Synchronous(v.get_str("outbox.synchronous").upper()),
                 inline_commit=v.get_bool("outbox.inline_commit"),
+                write_delay=v.get_float("outbox.write_delay"),
+                max_unwritten_bytes=v.get_int("outbox.max_unwritten_bytes"),
             ),
             cloud=CloudConfig(
                 max_in_flight=v.get_int("cloud.max_in_flight"),

@@ -21,7 +21,8 @@ from the cloud link's sends, acks and downlink bytes, BLE media transfers and
 the cloud's first-token times.
 
 A glasses message is acknowledged only once it is durable (stored in the
-outbox) or answered; when the outbox is full it is not acknowledged, and
+outbox, or acknowledged by the gateway while the outbox held it unwritten:
+docs/cloud.md) or answered; when the outbox is full it is not acknowledged, and
 backpressure reaches the glasses. Answers from the cloud are forwarded to the
 glasses reliably and acknowledged to the gateway once the glasses have them.
 """
@@ -405,7 +406,11 @@ class Daemon:
             if outcome is PutOutcome.DROPPED_REALTIME:
                 self.stats.realtime_dropped += 1
             return
-        if outcome in (PutOutcome.STORED, PutOutcome.DUPLICATE):
+        if outcome in (
+            PutOutcome.STORED,
+            PutOutcome.DUPLICATE,
+            PutOutcome.ACKNOWLEDGED,  # durable at the gateway before written here
+        ):
             self._ack(message)
         else:
             # Not durable: do not acknowledge. The glasses keep it and resend.
@@ -579,7 +584,9 @@ class Daemon:
         """Outbox bytes not yet sent (rows in flight are excluded, pro rata)."""
         if box is None or box.rows == 0:
             return 0
-        waiting = max(0, box.rows - self.cloud.in_flight)
+        # In flight counts held unwritten rows too (sent, not in ``rows``).
+        stored_in_flight = max(0, self.cloud.in_flight - box.unwritten)
+        waiting = max(0, box.rows - stored_in_flight)
         return box.total_bytes * waiting // box.rows
 
     def _spawn(self, coro: Awaitable[object]) -> None:
@@ -876,6 +883,8 @@ class Daemon:
                 "rows": box.rows if box else 0,
                 "bytes": box.total_bytes if box else 0,
                 "oldest_age_s": box.oldest_age_s if box else None,
+                "unwritten": box.unwritten if box else 0,
+                "acked_unwritten": box.acked_unwritten if box else 0,
                 "refused_full": self.stats.refused_full,
             },
             "router": self._router_status(),

@@ -37,6 +37,21 @@ Rows just stored, in memory:
     ``_FRESH_MAX``; any expiry, purge or re-seal in between makes it say "ask the
     store"), which spares a round trip to the worker per message at a steady rate.
 
+Unwritten rows (``OutboxConfig.write_delay``):
+    A put marked ``hold`` (the cloud link's, while its uplink is connected) is not
+    written at once: it stays in memory, sendable (it is a fresh row at once), for
+    up to ``write_delay`` seconds. If the gateway's signed acknowledgement for it
+    comes first (:meth:`Outbox.ack`), it is never written: its put completes with
+    ``ACKNOWLEDGED`` (durable at the gateway, so the glasses may be acknowledged)
+    and neither an insert nor a delete reaches SQLite. Otherwise it is written
+    then, as any put, and completes with what the store says. Until its put
+    completes the glasses are not acknowledged and keep the message, so a crash
+    loses nothing the glasses do not resend (docs/cloud.md, "Rows the gateway
+    acknowledges before they are written"). At most ``commit_max_batch`` rows and
+    ``max_unwritten_bytes`` are held; a put beyond either writes those held first.
+    :meth:`Outbox.close`, :meth:`Outbox.purge` and the re-seal calls write them
+    first too; :meth:`Outbox.next_rows` returns them with the stored rows.
+
 Lazy writes (attempt marks and deletes the caller marks ``lazy``) wait on the
 event-loop side for the next other request and go to the worker with it, or
 after ``lazy_flush_interval``, so they wake the worker no more often than puts.
@@ -94,6 +109,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import logging
 import os
 import queue
@@ -245,6 +261,9 @@ class PutOutcome(enum.Enum):
     """Not stored, outbox full: do not acknowledge it."""
     DROPPED_REALTIME = "dropped_realtime"
     """Real-time item not stored, outbox full: dropped and counted."""
+    ACKNOWLEDGED = "acknowledged"
+    """Held unwritten and acknowledged by the gateway within ``write_delay``:
+    durable there, never written here: acknowledge it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +285,13 @@ class OutboxConfig:
         inline_commit: With ``NORMAL``, commit a lone put on the event loop's
             thread when the worker has nothing to do ("Inline commits" in the
             module docstring); ``False`` sends every request to the worker.
+        write_delay: Seconds a put marked ``hold`` stays unwritten, in memory
+            and sendable, waiting for the gateway's acknowledgement ("Unwritten
+            rows" in the module docstring); 0 writes every put at once. The
+            glasses keep each such message this much longer.
+        max_unwritten_bytes: Most envelope bytes held unwritten (and at most
+            ``commit_max_batch`` rows). Policy when reached: the held rows are
+            written at once.
     """
 
     max_bytes: int = 64 * 1024 * 1024
@@ -276,6 +302,8 @@ class OutboxConfig:
     lazy_flush_interval: float = 0.1
     synchronous: Synchronous = Synchronous.NORMAL
     inline_commit: bool = True
+    write_delay: float = 0.5
+    max_unwritten_bytes: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         """Validate the limits.
@@ -291,6 +319,10 @@ class OutboxConfig:
             raise ValueError("commit_interval must be within [0, 1] seconds")
         if not 0 <= self.lazy_flush_interval <= 10:
             raise ValueError("lazy_flush_interval must be within [0, 10] seconds")
+        if not 0 <= self.write_delay <= 5:
+            raise ValueError("write_delay must be within [0, 5] seconds")
+        if self.max_unwritten_bytes < 1:
+            raise ValueError("max_unwritten_bytes must be >= 1")
         Synchronous(self.synchronous)  # raises ValueError if unknown
 
 
@@ -387,6 +419,10 @@ class OutboxStats:
         dropped_age: Rows dropped for exceeding ``max_age_s``.
         transactions: Write transactions committed.
         put_transactions: Of those, group commits of puts.
+        unwritten: Rows held in memory, not yet written (``write_delay``);
+            not counted in ``rows``.
+        acked_unwritten: Held rows the gateway acknowledged before they were
+            written (never written: an insert and a delete saved each).
     """
 
     rows: int
@@ -401,6 +437,8 @@ class OutboxStats:
     dropped_age: int
     transactions: int
     put_transactions: int
+    unwritten: int = 0
+    acked_unwritten: int = 0
 
 
 @dataclass(slots=True)
@@ -828,6 +866,18 @@ class _PutRequest:
     items: Sequence[OutboxItem]
     now: float
     future: asyncio.Future[list[PutOutcome]]
+    held: bool = False  # rows held unwritten first: already fresh (sent) rows
+
+
+@dataclass(slots=True)
+class _Unwritten:
+    """A put held in memory (``write_delay``) until acknowledged or written."""
+
+    item: OutboxItem
+    deadline: float  # monotonic: written then unless acknowledged
+    future: asyncio.Future[PutOutcome]
+    also: list[asyncio.Future[PutOutcome]] = field(default_factory=list)
+    acked: bool = False
 
 
 class _IdsOp(enum.Enum):
@@ -866,6 +916,92 @@ _Posted = tuple[int, Callable[..., object], tuple[object, ...]]
 
 def _by_priority(row: OutboxRow) -> int:
     return row.priority
+
+
+def _row(item: OutboxItem, now: float) -> OutboxRow:
+    """The row ``item`` is (or will be) once stored at ``now``."""
+    return OutboxRow(
+        msg_id=item.msg_id,
+        priority=item.priority,
+        realtime=item.realtime,
+        expires_at=item.expires_at,
+        created_at=now,
+        size=len(item.envelope),
+        topic=item.topic,
+        envelope=item.envelope,
+        attempts=0,
+    )
+
+
+def _settle(entry: _Unwritten, outcome: PutOutcome) -> None:
+    """Complete a held put (and any put of the same id made while it was held)."""
+    _set_result(entry.future, outcome)
+    again = (
+        PutOutcome.DUPLICATE
+        if outcome in (PutOutcome.STORED, PutOutcome.DUPLICATE, PutOutcome.ACKNOWLEDGED)
+        else outcome
+    )
+    for future in entry.also:
+        _set_result(future, again)
+
+
+def _settle_written(
+    entries: Sequence[_Unwritten], future: asyncio.Future[list[PutOutcome]]
+) -> None:
+    """Complete held puts from the outcome of their (late) write."""
+    if future.cancelled():
+        for entry in entries:
+            for each in (entry.future, *entry.also):
+                each.cancel()
+        return
+    exc = future.exception()
+    if exc is not None:
+        for entry in entries:
+            for each in (entry.future, *entry.also):
+                _set_exception(each, exc)
+        return
+    for entry, outcome in zip(entries, future.result(), strict=True):
+        _settle(entry, outcome)
+
+
+def _merge_held(
+    rows: list[OutboxRow],
+    complete: bool,
+    held: Sequence[_Unwritten],
+    max_items: int,
+    max_bytes: int,
+    exclude: frozenset[bytes],
+    now: float,
+) -> tuple[list[OutboxRow], bool]:
+    """Add held rows to what the store returned, as the store would have.
+
+    Held rows are newer than every stored row, so they go after stored rows
+    of the same priority. When the store stopped early, only held rows of a
+    higher priority (lower number) than its last row may join: the rest
+    would come after stored rows not read.
+    """
+    limit = rows[-1].priority if rows and not complete else None
+    seen = {row.msg_id for row in rows}
+    extra = [
+        _row(entry.item, now)
+        for entry in held
+        if not entry.acked
+        and entry.item.msg_id not in exclude
+        and entry.item.msg_id not in seen
+        and (entry.item.expires_at is None or entry.item.expires_at > now)
+        and (limit is None or entry.item.priority < limit)
+    ]
+    if not extra:
+        return rows, complete
+    merged = sorted([*rows, *extra], key=_by_priority)  # stable: stored first
+    out: list[OutboxRow] = []
+    total = 0
+    for row in merged:
+        if len(out) >= max_items or (out and total + row.size > max_bytes):
+            return out, False
+        out.append(row)
+        total += row.size
+    return out, complete
 
 
 def _storage_error(exc: sqlite3.Error | OSError) -> OutboxStorageError:
@@ -944,6 +1080,11 @@ class Outbox:
         self._collecting = False
         self._stored_listeners: list[Callable[[], None]] = []
         self._debug = logger.isEnabledFor(logging.DEBUG)
+        # Puts held unwritten (write_delay), in put order (so deadline order).
+        self._unwritten: dict[bytes, _Unwritten] = {}
+        self._unwritten_bytes = 0
+        self._unwritten_timer: asyncio.TimerHandle | None = None
+        self._acked_unwritten = 0
 
     @classmethod
     async def open(
@@ -1053,7 +1194,9 @@ class Outbox:
         """
         return await self._submit_puts(tuple(items))
 
-    def put_soon(self, item: OutboxItem) -> asyncio.Future[PutOutcome]:
+    def put_soon(
+        self, item: OutboxItem, *, hold: bool = False
+    ) -> asyncio.Future[PutOutcome]:
         """Queue one item as :meth:`put_many` does, without waiting for the commit.
 
         The returned future gives the item's :class:`PutOutcome` once its
@@ -1063,10 +1206,18 @@ class Outbox:
         ``on_stored`` listeners run then too); the future still completes
         on a later loop iteration.
 
+        With ``hold`` (and a ``write_delay``), the item is held unwritten
+        but sendable at once (the ``on_stored`` listeners run now): the
+        future gives ``ACKNOWLEDGED`` if :meth:`ack` names it within
+        ``write_delay``, else the outcome of its write then ("Unwritten
+        rows" in the module docstring). See :meth:`holds`.
+
         Raises:
             EnvelopeTooLargeError: The envelope exceeds ``max_bytes``.
             OutboxClosedError: The outbox is closed.
         """
+        if hold and self._config.write_delay > 0:
+            return self._hold(item)
         (future,) = self._queue_puts((item,))
         single: asyncio.Future[PutOutcome] = self._loop.create_future()
 
@@ -1082,6 +1233,86 @@ class Outbox:
 
         future.add_done_callback(done)
         return single
+
+    def holds(self, msg_id: bytes) -> bool:
+        """Whether the row ``msg_id`` is held unwritten (its put not yet complete)."""
+        return msg_id in self._unwritten
+
+    def _hold(self, item: OutboxItem) -> asyncio.Future[PutOutcome]:
+        self._check_open()
+        size = len(item.envelope)
+        if size > self._config.max_bytes:
+            raise EnvelopeTooLargeError(size, self._config.max_bytes)
+        future: asyncio.Future[PutOutcome] = self._loop.create_future()
+        known = self._unwritten.get(item.msg_id)
+        if known is not None:  # the glasses sent it again meanwhile
+            known.also.append(future)
+            return future
+        if (
+            len(self._unwritten) >= self._config.commit_max_batch
+            or self._unwritten_bytes + size > self._config.max_unwritten_bytes
+        ):
+            self._write_unwritten(len(self._unwritten))
+        now = self._clock()
+        self._unwritten[item.msg_id] = _Unwritten(
+            item, time.monotonic() + self._config.write_delay, future
+        )
+        self._unwritten_bytes += size
+        if self._unwritten_timer is None:
+            self._unwritten_timer = self._loop.call_later(
+                self._config.write_delay, self._write_due
+            )
+        self._generation += 1
+        self._fresh.append((self._generation, _row(item, now)))
+        if len(self._fresh) > _FRESH_MAX:
+            self._forget_fresh()
+        self._nonempty.set()
+        self._call_listeners()
+        return future
+
+    def _write_due(self) -> None:
+        """Timer: write the held rows whose ``write_delay`` has passed."""
+        self._unwritten_timer = None
+        if self._closing:
+            return
+        now = time.monotonic()
+        due = 0
+        for entry in self._unwritten.values():
+            if entry.deadline > now:
+                break
+            due += 1
+        if due:
+            self._write_unwritten(due)
+        if self._unwritten:
+            first = next(iter(self._unwritten.values()))
+            self._unwritten_timer = self._loop.call_at(
+                self._loop.time() + max(0.0, first.deadline - now), self._write_due
+            )
+
+    def _write_unwritten(self, count: int) -> None:
+        """Write the first ``count`` held rows as ordinary puts (outcomes follow)."""
+        if not count:
+            return
+        entries = []
+        for _ in range(count):
+            msg_id = next(iter(self._unwritten))
+            entry = self._unwritten.pop(msg_id)
+            self._unwritten_bytes -= len(entry.item.envelope)
+            entries.append(entry)
+        if not self._unwritten and self._unwritten_timer is not None:
+            self._unwritten_timer.cancel()
+            self._unwritten_timer = None
+        step = self._config.commit_max_batch
+        futures = self._queue_puts([e.item for e in entries], held=True)
+        for index, future in enumerate(futures):
+            part = entries[index * step : (index + 1) * step]
+            future.add_done_callback(functools.partial(_settle_written, part))
+
+    def _write_all_unwritten(self) -> None:
+        self._write_unwritten(len(self._unwritten))
+
+    def _unwritten_rows(self) -> list[_Unwritten]:
+        return list(self._unwritten.values())
 
     async def next_batch(
         self,
@@ -1160,28 +1391,17 @@ class Outbox:
         generation = self._generation
         fresh = self._fresh
         for request, result in zip(batch, results, strict=True):
-            if not isinstance(request, _PutRequest) or not isinstance(result, list):
+            if (
+                not isinstance(request, _PutRequest)
+                or request.held  # fresh since they were held
+                or not isinstance(result, list)
+            ):
                 continue
             for item, outcome in zip(request.items, result, strict=True):
                 if outcome is not PutOutcome.STORED:
                     continue
                 generation += 1
-                fresh.append(
-                    (
-                        generation,
-                        OutboxRow(
-                            msg_id=item.msg_id,
-                            priority=item.priority,
-                            realtime=item.realtime,
-                            expires_at=item.expires_at,
-                            created_at=request.now,
-                            size=len(item.envelope),
-                            topic=item.topic,
-                            envelope=item.envelope,
-                            attempts=0,
-                        ),
-                    )
-                )
+                fresh.append((generation, _row(item, request.now)))
         if len(fresh) > _FRESH_MAX:
             fresh.clear()
             self._fresh_base = generation
@@ -1230,9 +1450,15 @@ class Outbox:
             raise ValueError("max_items must be >= 1")
         skip = frozenset(exclude)
         now = self._clock()
-        return await self._call(
+        # Held rows as of now: the store has them only if written after
+        # this read (which is queued first), so they are added from memory.
+        held = self._unwritten_rows()
+        rows, complete = await self._call(
             lambda store: store.next_batch(max_items, max_bytes, skip, now)
         )
+        if not held:
+            return rows, complete
+        return _merge_held(rows, complete, held, max_items, max_bytes, skip, now)
 
     async def ack(self, ids: Iterable[bytes]) -> int:
         """Delete rows acknowledged by the gateway.
@@ -1264,10 +1490,45 @@ class Outbox:
         these rows (exclude them), and a crash may keep them (resent, then
         dropped by the gateway as duplicates).
 
+        Held unwritten rows among ``ids`` are dropped from memory at once
+        (their puts complete with ``ACKNOWLEDGED``) and counted in the result.
+
         Raises:
             OutboxClosedError: The outbox is closed.
         """
-        return self._submit_ids(_IdsOp.ACK, ids, lazy=lazy)
+        if not self._unwritten:
+            return self._submit_ids(_IdsOp.ACK, ids, lazy=lazy)
+        self._check_open()
+        stored: list[bytes] = []
+        dropped = 0
+        for msg_id in ids:
+            entry = self._unwritten.pop(msg_id, None)
+            if entry is None:
+                stored.append(msg_id)
+                continue
+            dropped += 1
+            self._unwritten_bytes -= len(entry.item.envelope)
+            entry.acked = True
+            _settle(entry, PutOutcome.ACKNOWLEDGED)
+        self._acked_unwritten += dropped
+        if not self._unwritten and self._unwritten_timer is not None:
+            self._unwritten_timer.cancel()
+            self._unwritten_timer = None
+        future = self._submit_ids(_IdsOp.ACK, stored, lazy=lazy)
+        if not dropped:
+            return future
+        total: asyncio.Future[int] = self._loop.create_future()
+
+        def add(f: asyncio.Future[int]) -> None:
+            if f.cancelled():
+                total.cancel()
+            elif (exc := f.exception()) is not None:
+                total.set_exception(exc)
+            else:
+                total.set_result(f.result() + dropped)
+
+        future.add_done_callback(add)
+        return total
 
     def _submit_ids(
         self, op: _IdsOp, ids: Iterable[bytes], *, lazy: bool = False
@@ -1314,6 +1575,7 @@ class Outbox:
         Raises:
             OutboxClosedError: The outbox is closed.
         """
+        self._write_all_unwritten()
         return await self._call(lambda store: store.rows_with_topic(topic, limit))
 
     async def replace_envelopes(
@@ -1332,6 +1594,7 @@ class Outbox:
             OutboxClosedError: The outbox is closed.
             OutboxStorageError: SQLite failed; nothing was replaced.
         """
+        self._write_all_unwritten()
         return await self._rewrite(
             lambda store: store.replace_envelopes(old_topic, rows)
         )
@@ -1343,6 +1606,7 @@ class Outbox:
             OutboxClosedError: The outbox is closed.
             OutboxStorageError: SQLite failed; nothing was deleted.
         """
+        self._write_all_unwritten()
         return await self._rewrite(lambda store: store.purge())
 
     async def mark_attempt(self, ids: Iterable[bytes]) -> int:
@@ -1401,7 +1665,12 @@ class Outbox:
             OutboxStorageError: SQLite failed.
         """
         now = self._clock()
-        return await self._call(lambda store: store.stats(now))
+        stats = await self._call(lambda store: store.stats(now))
+        return dataclasses.replace(
+            stats,
+            unwritten=len(self._unwritten),
+            acked_unwritten=self._acked_unwritten,
+        )
 
     async def wait_nonempty(self) -> None:
         """Wait until the outbox holds at least one row (returns at once if it does).
@@ -1459,6 +1728,7 @@ class Outbox:
             if not self._closed:
                 await asyncio.to_thread(self._thread.join)
             return
+        self._write_all_unwritten()
         self._flush_lazy()
         self._closing = True
         done: asyncio.Future[None] = self._loop.create_future()
@@ -1534,7 +1804,7 @@ class Outbox:
                 logger.exception("outbox on_stored listener failed")
 
     def _queue_puts(
-        self, items: Sequence[OutboxItem]
+        self, items: Sequence[OutboxItem], *, held: bool = False
     ) -> list[asyncio.Future[list[PutOutcome]]]:
         self._check_open()
         for item in items:
@@ -1552,19 +1822,19 @@ class Outbox:
             and self._store_lock.acquire(blocking=False)
         ):
             try:
-                return [self._commit_inline(items, now)]
+                return [self._commit_inline(items, now, held)]
             finally:
                 self._store_lock.release()
         futures: list[asyncio.Future[list[PutOutcome]]] = []
         self._flush_lazy()
         for start in range(0, len(items), step):
             future: asyncio.Future[list[PutOutcome]] = self._loop.create_future()
-            self._enqueue(_PutRequest(items[start : start + step], now, future))
+            self._enqueue(_PutRequest(items[start : start + step], now, future, held))
             futures.append(future)
         return futures
 
     def _commit_inline(
-        self, items: Sequence[OutboxItem], now: float
+        self, items: Sequence[OutboxItem], now: float, held: bool = False
     ) -> asyncio.Future[list[PutOutcome]]:
         """Commit a lone put (and the lazy writes held here) on the loop's thread.
 
@@ -1580,7 +1850,10 @@ class Outbox:
             self._lazy_timer.cancel()
             self._lazy_timer = None
         future: asyncio.Future[list[PutOutcome]] = self._loop.create_future()
-        batch: list[_WriteRequest] = [*self._lazy, _PutRequest(items, now, future)]
+        batch: list[_WriteRequest] = [
+            *self._lazy,
+            _PutRequest(items, now, future, held),
+        ]
         self._lazy = []
         store = self._store
         outcome = self._write_batch(store, batch, len(items))

@@ -126,10 +126,21 @@ class _Metrics(Collector):
                 "oldest_age_s",
                 "age of the oldest row",
             ),
+            (
+                "glasses_relay_outbox_unwritten",
+                "unwritten",
+                "messages sent and held in memory, not yet written",
+            ),
         ):
             gauge = GaugeMetricFamily(name, text)
             gauge.add_metric([], float(outbox.get(key) or 0))
             yield gauge
+        never = CounterMetricFamily(
+            "glasses_relay_outbox_acked_unwritten",
+            "messages the gateway acknowledged before they were written",
+        )
+        never.add_metric([], float(outbox.get("acked_unwritten") or 0))
+        yield never
         connected = GaugeMetricFamily(
             "glasses_relay_uplink_up", "1 when the uplink is connected"
         )

@@ -139,7 +139,9 @@ def _render(doc: dict[str, object]) -> None:
     summary.add_row(
         "outbox",
         f"{outbox.get('rows')} messages",
-        f"{outbox.get('bytes')} bytes, oldest {'-' if age is None else f'{age:.1f} s'}",
+        f"{outbox.get('bytes')} bytes, oldest {'-' if age is None else f'{age:.1f} s'}"
+        f"; {outbox.get('unwritten', 0)} held unwritten, "
+        f"{outbox.get('acked_unwritten', 0)} acked before written",
     )
     console.print(summary)
     requests = doc.get("requests", [])

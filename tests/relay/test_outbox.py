@@ -815,3 +815,102 @@ async def test_a_failing_stored_listener_does_not_fail_the_put(db: Path) -> None
         assert await ob.put(item(1))  # inline: the listener runs in the put
         assert await ob.put_many([item(2), item(3)]) == [PutOutcome.STORED] * 2
         assert await lazy == 0  # what rode with the put still completed
+
+
+# -- rows held unwritten (write_delay) -------------------------------------------
+
+
+async def test_a_held_row_acked_in_time_is_never_written(db: Path) -> None:
+    config = OutboxConfig(commit_interval=0, write_delay=5.0)
+    async with await Outbox.open(db, config) as ob:
+        before = (await ob.stats()).transactions
+        drained = ob.generation
+        put = ob.put_soon(item(1), hold=True)
+        assert ob.holds(mid(1))
+        # Sendable at once, from memory, as a stored row would be.
+        fresh = ob.rows_stored_since(drained, 10, 10**6)
+        assert fresh is not None
+        assert [r.msg_id for r in fresh] == [mid(1)]
+        assert await ob.ack([mid(1)]) == 1
+        assert await put is PutOutcome.ACKNOWLEDGED
+        assert not ob.holds(mid(1))
+        stats = await ob.stats()
+        assert (stats.rows, stats.stored, stats.acked) == (0, 0, 0)
+        assert stats.transactions == before  # no insert, no delete
+        assert (stats.unwritten, stats.acked_unwritten) == (0, 1)
+    async with await Outbox.open(db, config) as ob:
+        assert await all_ids(ob) == []
+
+
+async def test_a_held_row_not_acked_is_written_when_the_delay_ends(db: Path) -> None:
+    config = OutboxConfig(commit_interval=0, write_delay=0.05)
+    async with await Outbox.open(db, config) as ob:
+        put = ob.put_soon(item(1), hold=True)
+        assert (await ob.stats()).unwritten == 1
+        async with asyncio.timeout(5):
+            assert await put is PutOutcome.STORED
+        stats = await ob.stats()
+        assert (stats.rows, stats.stored, stats.unwritten) == (1, 1, 0)
+        # Written once: an ack now deletes it as any stored row.
+        assert await ob.ack([mid(1)]) == 1
+        assert (await ob.stats()).acked_unwritten == 0
+
+
+async def test_held_rows_are_read_with_the_stored_ones_in_order(db: Path) -> None:
+    config = OutboxConfig(commit_interval=0, write_delay=5.0)
+    async with await Outbox.open(db, config) as ob:
+        await ob.put_many([item(1, priority=1), item(2, priority=2)])
+        held = [
+            ob.put_soon(item(3, priority=1), hold=True),
+            ob.put_soon(item(4, priority=0), hold=True),
+            ob.put_soon(item(5, priority=2), hold=True),
+        ]
+        rows, complete = await ob.next_rows(10, 10**6)
+        assert [r.msg_id for r in rows] == [mid(n) for n in (4, 1, 3, 2, 5)]
+        assert complete
+        rows, complete = await ob.next_rows(10, 10**6, exclude={mid(4)})
+        assert [r.msg_id for r in rows] == [mid(n) for n in (1, 3, 2, 5)]
+        rows, complete = await ob.next_rows(2, 10**6)
+        assert [r.msg_id for r in rows] == [mid(4), mid(1)]
+        assert not complete
+        # The store stopped at priority 1: a held priority-2 row must not
+        # overtake the stored priority-2 row it did not read.
+        rows, complete = await ob.next_rows(1, 10**6, exclude={mid(4)})
+        assert [r.msg_id for r in rows] == [mid(1)]
+        assert not complete
+        assert await ob.ack([mid(3), mid(4), mid(5)]) == 3
+        assert [f.result() for f in held] == [PutOutcome.ACKNOWLEDGED] * 3
+        assert await all_ids(ob) == [mid(1), mid(2)]
+
+
+async def test_holding_is_bounded_and_close_writes_what_is_held(db: Path) -> None:
+    config = OutboxConfig(commit_interval=0, write_delay=5.0, commit_max_batch=2)
+    async with await Outbox.open(db, config) as ob:
+        first = [ob.put_soon(item(n), hold=True) for n in (1, 2)]
+        third = ob.put_soon(item(3), hold=True)  # over the bound: 1 and 2 written
+        assert [await f for f in first] == [PutOutcome.STORED] * 2
+        assert not ob.holds(mid(1))
+        assert ob.holds(mid(3))
+        again = ob.put_soon(item(3), hold=True)  # the glasses resent it meanwhile
+    assert await third is PutOutcome.STORED  # the clean close wrote it
+    assert await again is PutOutcome.DUPLICATE
+    async with await Outbox.open(db, config) as ob:
+        assert await all_ids(ob) == [mid(1), mid(2), mid(3)]
+
+
+async def test_a_held_duplicate_is_acknowledged_with_the_first(db: Path) -> None:
+    config = OutboxConfig(commit_interval=0, write_delay=5.0)
+    async with await Outbox.open(db, config) as ob:
+        first = ob.put_soon(item(1), hold=True)
+        second = ob.put_soon(item(1), hold=True)
+        assert await ob.ack([mid(1), mid(2)]) == 1
+        assert await first is PutOutcome.ACKNOWLEDGED
+        assert await second is PutOutcome.DUPLICATE
+
+
+async def test_without_a_write_delay_hold_changes_nothing(db: Path) -> None:
+    config = OutboxConfig(commit_interval=0, write_delay=0)
+    async with await Outbox.open(db, config) as ob:
+        assert await ob.put_soon(item(1), hold=True) is PutOutcome.STORED
+        assert not ob.holds(mid(1))
+        assert (await ob.stats()).rows == 1

@@ -59,7 +59,7 @@ from tools.cloud.app import CloudGateway
 
 if TYPE_CHECKING:
     from relay.cloudlink import CloudConfig, CloudLink
-    from relay.outbox import Outbox
+    from relay.outbox import Outbox, OutboxConfig
 from tools.cloud.assistant import (
     AssembledRequest,
     BuiltinAssistant,
@@ -437,6 +437,7 @@ async def phone_link(
     *,
     observer: AckTimes,
     config: CloudConfig | None = None,
+    outbox_config: OutboxConfig | None = None,
 ) -> AsyncIterator[tuple[CloudLink, Outbox]]:
     """The real cloud link of a phone over MQTT, running, with its outbox."""
     from relay.cloudlink import CloudLink
@@ -446,7 +447,7 @@ async def phone_link(
 
     identity = PhoneIdentity(state)
     (state / "phone").mkdir(mode=0o700, exist_ok=True)
-    outbox = await Outbox.open(state / "phone" / "outbox.sqlite3")
+    outbox = await Outbox.open(state / "phone" / "outbox.sqlite3", outbox_config)
     make_uplink = uplink_factory(
         "mqtt", device_id=identity.device_id, broker=broker.url
     )
@@ -1029,3 +1030,70 @@ async def test_the_outbox_records_resends_not_first_sends(
             await sends.reach(2)  # resent
             (row,) = await written()
             assert row.attempts == 1
+
+
+async def _acked(acks: AckTimes, count: int) -> None:
+    while len(acks.acked) < count:
+        acks.changed.clear()
+        await acks.changed.wait()
+
+
+async def test_messages_the_gateway_acks_in_time_are_never_written(
+    mosquitto: Server, state: Path
+) -> None:
+    """The real cloud link over MQTT and the real gateway with its default ack
+    pacing (250 ms): messages put while connected are sent from memory and
+    their puts complete on the gateway's signed ack, with nothing written."""
+    from relay.outbox import OutboxConfig, Priority, PutOutcome
+
+    acks = AckTimes()
+    async with (
+        running(config(state, broker_url=mosquitto.url)),
+        phone_link(
+            state, mosquitto, observer=acks, outbox_config=OutboxConfig(write_delay=3)
+        ) as (link, outbox),
+    ):
+        async with asyncio.timeout(WAIT_S):
+            # An awaited put is written at once; its ack says the link is up.
+            assert await link.put(telemetry(0), Priority.NORMAL) is PutOutcome.STORED
+            await _acked(acks, 1)
+            before = await outbox.stats()
+            ticks = [telemetry(n) for n in (1, 2, 3)]
+            futures = [await link.submit(t, Priority.NORMAL) for t in ticks]
+            assert all(outbox.holds(t.message_id) for t in ticks)
+            outcomes = await asyncio.gather(*futures)
+        assert outcomes == [PutOutcome.ACKNOWLEDGED] * 3
+        after = await outbox.stats()
+        assert after.stored == before.stored == 1
+        assert (after.acked_unwritten, after.unwritten) == (3, 0)
+
+
+async def test_messages_acked_after_the_write_delay_are_written_first(
+    mosquitto: Server, state: Path
+) -> None:
+    """A gateway holding its acks 1 s, past a 0.2 s write delay: the message is
+    written (its put says STORED before the ack), then deleted by the ack."""
+    from relay.outbox import OutboxConfig, Priority, PutOutcome
+
+    acks = AckTimes()
+    cfg = config(state, broker_url=mosquitto.url, ack_delay_s=1.0, ack_interval_s=1.0)
+    async with (
+        running(cfg),
+        phone_link(
+            state, mosquitto, observer=acks, outbox_config=OutboxConfig(write_delay=0.2)
+        ) as (link, outbox),
+    ):
+        async with asyncio.timeout(WAIT_S):
+            await link.put(telemetry(0), Priority.NORMAL)
+            await _acked(acks, 1)
+            tick = telemetry(1)
+            future = await link.submit(tick, Priority.NORMAL)
+            assert outbox.holds(tick.message_id)
+            assert await future is PutOutcome.STORED
+            acked = [key for key, _, _ in acks.acked]
+            assert tick.message_id not in acked  # written before the gateway's ack
+            assert (await outbox.stats()).stored == 2
+            await _acked(acks, len(acked) + 1)
+            assert acks.acked[-1][0] == tick.message_id
+        stats = await outbox.stats()
+        assert (stats.acked_unwritten, stats.unwritten) == (0, 0)

@@ -134,8 +134,10 @@ _CALIBRATION_S: Final = 2.0
 _DRAIN_S: Final = 15.0
 _SAMPLE_S: Final = 0.003
 _GLASSES_WINDOW_S: Final = 0.25
-"""Emulated glasses keep this much link time unacknowledged at most, so their
-queue stays short (nothing ages past the session's resend timer)."""
+"""Emulated glasses keep this much link time unacknowledged at most, beyond the
+daemon's ``outbox.write_delay`` (the longest it holds a message unwritten, and
+so unacknowledged, waiting for the gateway's ack), so their queue stays short
+(nothing ages past the session's resend timer) yet never stalls the link."""
 _REFERENCE_LOOPS: Final = 60_000
 """Iterations of the reference workload (about 10 ms on an uncontended core
 of the machine in docs/benchmarks.md)."""
@@ -893,10 +895,13 @@ def _filler(size: int) -> bytes:
 
 def _glasses_window(profile: LinkProfile, message_bytes: int) -> int:
     """Unacknowledged bytes the emulated glasses allow themselves."""
+    from relay.outbox import OutboxConfig
+
     record = message_bytes + MESSAGE_HEADER_SIZE
     if not profile.shaped:
         return max(8 * record, 1 << 19)
-    return max(4 * record, int(profile.ceiling_bytes_per_s * _GLASSES_WINDOW_S))
+    seconds = _GLASSES_WINDOW_S + OutboxConfig().write_delay
+    return max(4 * record, int(profile.ceiling_bytes_per_s * seconds))
 
 
 def _make_glasses_app(
@@ -1343,7 +1348,8 @@ def relay_settings(relay: str) -> dict[str, object]:
     payload per pump round (``cloud.batches_per_send = 1``: each QoS 1
     publish awaited in order), and one outbox transaction per message, each
     awaited before the next message is taken (``outbox.commit_max_batch =
-    1``, ``cloud.max_pending_puts = 1``).
+    1``, ``cloud.max_pending_puts = 1``, ``outbox.write_delay = 0``: every
+    message written, none left unwritten for the gateway's acknowledgement).
     """
     if relay == "batched":
         return {}
@@ -1352,6 +1358,7 @@ def relay_settings(relay: str) -> dict[str, object]:
         "cloud.batches_per_send": 1,
         "cloud.max_pending_puts": 1,
         "outbox.commit_max_batch": 1,
+        "outbox.write_delay": 0,
     }
 
 
@@ -1369,6 +1376,7 @@ def _effective(relay: str) -> dict[str, object]:
         "cloud.max_pending_puts": cloud.max_pending_puts,
         "outbox.commit_interval": outbox.commit_interval,
         "outbox.commit_max_batch": outbox.commit_max_batch,
+        "outbox.write_delay": outbox.write_delay,
         "outbox.synchronous": str(outbox.synchronous),
     }
     out.update(relay_settings(relay))
