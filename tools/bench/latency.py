@@ -57,6 +57,7 @@ from protocol.constants import MessageFlags, MessageKind
 from protocol.errors import RemoteProtocolError
 from protocol.message import Message
 from relay.errors import ConfigError
+from tools.bench.children import code_env, module_command
 
 __all__ = [
     "CLASSES",
@@ -742,7 +743,7 @@ def run_bench(
         def start(name: str) -> None:
             out = Path(tmp) / f"{name}.json"
             command = [
-                sys.executable, "-m", "tools.bench.latency", "--strategy", name,
+                *module_command("tools.bench.latency"), "--strategy", name,
                 "--plan", str(plan_file), "--out", str(out),
                 "--uplink-trace", str(uplink_trace),
                 "--downlink-trace", str(downlink_trace),
@@ -751,7 +752,7 @@ def run_bench(
             ]  # fmt: skip
             if progress:
                 command.append("--progress")
-            procs[name] = (subprocess.Popen(command, env=_lane_env()), out)  # noqa: S603
+            procs[name] = (subprocess.Popen(command, env=code_env()), out)  # noqa: S603
 
         def finish(name: str) -> None:
             proc, out = procs[name]
@@ -789,15 +790,6 @@ def run_bench(
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
     }
-
-
-def _lane_env() -> dict[str, str]:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (root, env.get("PYTHONPATH", "")) if p
-    )
-    return env
 
 
 def lane_main(argv: Sequence[str] | None = None) -> int:

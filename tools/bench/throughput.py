@@ -95,6 +95,7 @@ from protocol.session import (
 )
 from relay.errors import ConfigError
 from relay.sim.profiles import PROFILES, LinkProfile
+from tools.bench.children import CODE_ROOT, code_env, module_command
 
 __all__ = [
     "REFERENCE_CEILING",
@@ -529,12 +530,8 @@ class _Reference:
     async def start(self) -> None:
         """Start timing (at the window's start)."""
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tools.bench.throughput",
-            "reference",
-            str(self._seconds),
-            cwd=_ROOT,
+            *module_command("tools.bench.throughput", "reference", str(self._seconds)),
+            env=code_env(),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
         )
@@ -574,7 +571,7 @@ def reference_summary(times: Sequence[float]) -> dict[str, float | None]:
 
 # -- the sampler: who spends the daemon's CPU ------------------------------------
 
-_ROOT: Final = str(Path(__file__).resolve().parents[2])
+_ROOT: Final = CODE_ROOT
 _BT_PARTS: Final = ("/bumble/", "/bleak/", "/bleak_retry_connector/", "/relay/sim/")
 _OWN_PARTS: Final = ("/relay/", "/protocol/", "/tools/")
 
@@ -1109,8 +1106,14 @@ def _free_port() -> int:
 
 
 def _child_env() -> dict[str, str]:
-    """This environment without the daemon's settings (the bench sets its own)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("GLASSES_RELAY_")}
+    """This environment, less the daemon's settings, with this code first on the path.
+
+    The bench sets the daemon's settings itself; the path is
+    :mod:`tools.bench.children`'s.
+    """
+    return code_env(
+        {k: v for k, v in os.environ.items() if not k.startswith("GLASSES_RELAY_")}
+    )
 
 
 class _Child:
@@ -1314,7 +1317,7 @@ async def _cloud(spec: BenchSpec, state: Path, workdir: Path) -> AsyncIterator[_
         cloud.gateway = _Child(
             "gateway",
             [
-                sys.executable, "-m", "tools.cli", "--state-dir", str(state), "-v",
+                *module_command("tools.cli"), "--state-dir", str(state), "-v",
                 "cloud", *where, "--ledger", str(cloud.ledger),
                 "--latency-model", "none",
             ],
@@ -1513,7 +1516,7 @@ async def _e2e_relay(
     glasses = _Child(
         f"{relay}-glasses",
         [
-            sys.executable, "-m", "tools.bench.throughput", "glasses",
+            *module_command("tools.bench.throughput", "glasses"),
             "--state-dir", str(state), "--port", str(port),
             "--profile", spec.profile.name,
             "--message-bytes", str(spec.message_bytes),
@@ -1524,7 +1527,7 @@ async def _e2e_relay(
     daemon = _Child(
         f"{relay}-daemon",
         [
-            sys.executable, "-m", "tools.bench.throughput", "probe",
+            *module_command("tools.bench.throughput", "probe"),
             "--out", str(probe_out), "--control", str(control),
             *_cprofile_flag(spec, relay), "--",
             "--state-dir", str(state), "run", "--config", str(config),
