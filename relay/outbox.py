@@ -49,8 +49,14 @@ Unwritten rows (``OutboxConfig.write_delay``):
     loses nothing the glasses do not resend (docs/cloud.md, "Rows the gateway
     acknowledges before they are written"). At most ``commit_max_batch`` rows and
     ``max_unwritten_bytes`` are held; a put beyond either writes those held first.
-    :meth:`Outbox.close`, :meth:`Outbox.purge` and the re-seal calls write them
-    first too; :meth:`Outbox.next_rows` returns them with the stored rows.
+    Any put not held (the uplink down, a caller awaiting its put) writes them
+    first too, so the store's order stays the put order, as do
+    :meth:`Outbox.close`, :meth:`Outbox.purge` and the re-seal calls;
+    :meth:`Outbox.next_rows` returns them with the stored rows. Nothing is held
+    while ``commit_max_batch`` rows wait to be committed (the store is behind):
+    such a put is written at once, so its caller's backpressure counts it. An
+    id held while the store had rows may be stored as well (written before, the
+    glasses' ACK lost, then resent): the ack deletes that copy too.
 
 Lazy writes (attempt marks and deletes the caller marks ``lazy``) wait on the
 event-loop side for the next other request and go to the worker with it, or
@@ -878,6 +884,7 @@ class _Unwritten:
     future: asyncio.Future[PutOutcome]
     also: list[asyncio.Future[PutOutcome]] = field(default_factory=list)
     acked: bool = False
+    maybe_stored: bool = False  # the store held rows then: the id may be there too
 
 
 class _IdsOp(enum.Enum):
@@ -931,6 +938,26 @@ def _row(item: OutboxItem, now: float) -> OutboxRow:
         envelope=item.envelope,
         attempts=0,
     )
+
+
+def _first(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[list[PutOutcome]]
+) -> asyncio.Future[PutOutcome]:
+    """A future of the first outcome of a put request's future."""
+    single: asyncio.Future[PutOutcome] = loop.create_future()
+
+    def done(f: asyncio.Future[list[PutOutcome]]) -> None:
+        if single.done():
+            return
+        if f.cancelled():
+            single.cancel()
+        elif (exc := f.exception()) is not None:
+            single.set_exception(exc)
+        else:
+            single.set_result(f.result()[0])
+
+    future.add_done_callback(done)
+    return single
 
 
 def _settle(entry: _Unwritten, outcome: PutOutcome) -> None:
@@ -1085,6 +1112,8 @@ class Outbox:
         self._unwritten_bytes = 0
         self._unwritten_timer: asyncio.TimerHandle | None = None
         self._acked_unwritten = 0
+        self._rows_writing = 0  # rows in put requests not yet completed
+        self._store_rows = 0  # rows in the store after the last completed request
 
     @classmethod
     async def open(
@@ -1219,20 +1248,7 @@ class Outbox:
         if hold and self._config.write_delay > 0:
             return self._hold(item)
         (future,) = self._queue_puts((item,))
-        single: asyncio.Future[PutOutcome] = self._loop.create_future()
-
-        def done(f: asyncio.Future[list[PutOutcome]]) -> None:
-            if single.done():
-                return
-            if f.cancelled():
-                single.cancel()
-            elif (exc := f.exception()) is not None:
-                single.set_exception(exc)
-            else:
-                single.set_result(f.result()[0])
-
-        future.add_done_callback(done)
-        return single
+        return _first(self._loop, future)
 
     def holds(self, msg_id: bytes) -> bool:
         """Whether the row ``msg_id`` is held unwritten (its put not yet complete)."""
@@ -1243,8 +1259,13 @@ class Outbox:
         size = len(item.envelope)
         if size > self._config.max_bytes:
             raise EnvelopeTooLargeError(size, self._config.max_bytes)
-        future: asyncio.Future[PutOutcome] = self._loop.create_future()
         known = self._unwritten.get(item.msg_id)
+        if known is None and self._rows_writing >= self._config.commit_max_batch:
+            # The store is behind: write this one too, so that the caller's
+            # count of puts not yet committed (its backpressure) sees it.
+            (written,) = self._queue_puts((item,))
+            return _first(self._loop, written)
+        future: asyncio.Future[PutOutcome] = self._loop.create_future()
         if known is not None:  # the glasses sent it again meanwhile
             known.also.append(future)
             return future
@@ -1255,7 +1276,12 @@ class Outbox:
             self._write_unwritten(len(self._unwritten))
         now = self._clock()
         self._unwritten[item.msg_id] = _Unwritten(
-            item, time.monotonic() + self._config.write_delay, future
+            item,
+            time.monotonic() + self._config.write_delay,
+            future,
+            # A copy may be stored (written earlier, the glasses' ACK lost):
+            # the gateway's ack must delete it too.
+            maybe_stored=self._store_rows > 0 or self._rows_writing > 0,
         )
         self._unwritten_bytes += size
         if self._unwritten_timer is None:
@@ -1503,8 +1529,9 @@ class Outbox:
         dropped = 0
         for msg_id in ids:
             entry = self._unwritten.pop(msg_id, None)
-            if entry is None:
+            if entry is None or entry.maybe_stored:
                 stored.append(msg_id)
+            if entry is None:
                 continue
             dropped += 1
             self._unwritten_bytes -= len(entry.item.envelope)
@@ -1521,11 +1548,12 @@ class Outbox:
 
         def add(f: asyncio.Future[int]) -> None:
             if f.cancelled():
-                total.cancel()
+                if not total.done():
+                    total.cancel()
             elif (exc := f.exception()) is not None:
-                total.set_exception(exc)
+                _set_exception(total, exc)
             else:
-                total.set_result(f.result() + dropped)
+                _set_result(total, f.result() + dropped)
 
         future.add_done_callback(add)
         return total
@@ -1788,6 +1816,7 @@ class Outbox:
 
     def _observe(self, rows: int, stored: int) -> None:
         """Update the wake-up events after a request completed (loop thread)."""
+        self._store_rows = rows
         if rows or self._closing:
             self._nonempty.set()
         else:
@@ -1812,6 +1841,24 @@ class Outbox:
                 raise EnvelopeTooLargeError(len(item.envelope), self._config.max_bytes)
         if not items:
             return []
+        if not held and self._unwritten:
+            # Rows held were put first: they go to the store first, so the
+            # store's insertion order stays the put order.
+            self._write_all_unwritten()
+        futures = self._queue_puts_now(items, held)
+        step = self._config.commit_max_batch
+        self._rows_writing += len(items)
+        for index, future in enumerate(futures):
+            count = len(items[index * step : (index + 1) * step])
+            future.add_done_callback(functools.partial(self._rows_written, count))
+        return futures
+
+    def _rows_written(self, count: int, _: asyncio.Future[list[PutOutcome]]) -> None:
+        self._rows_writing -= count
+
+    def _queue_puts_now(
+        self, items: Sequence[OutboxItem], held: bool
+    ) -> list[asyncio.Future[list[PutOutcome]]]:
         now = self._clock()
         step = self._config.commit_max_batch
         if (

@@ -914,3 +914,67 @@ async def test_without_a_write_delay_hold_changes_nothing(db: Path) -> None:
         assert await ob.put_soon(item(1), hold=True) is PutOutcome.STORED
         assert not ob.holds(mid(1))
         assert (await ob.stats()).rows == 1
+
+
+async def test_an_ack_of_a_held_row_also_deletes_a_stored_copy(db: Path) -> None:
+    """The row was written (its ACK to the glasses lost), the glasses resent
+    it, and the resend is held: the gateway's ack must clear both."""
+    config = OutboxConfig(commit_interval=0, write_delay=5.0)
+    async with await Outbox.open(db, config) as ob:
+        assert await ob.put(item(1))
+        again = ob.put_soon(item(1), hold=True)
+        assert ob.holds(mid(1))
+        await ob.ack([mid(1)])
+        assert await again is PutOutcome.ACKNOWLEDGED
+        assert (await ob.stats()).rows == 0
+        assert await all_ids(ob) == []
+
+
+async def test_a_put_not_held_writes_the_held_rows_first(db: Path) -> None:
+    config = OutboxConfig(commit_interval=0, write_delay=5.0)
+    async with await Outbox.open(db, config) as ob:
+        held = ob.put_soon(item(1), hold=True)
+        assert await ob.put(item(2))  # e.g. the uplink dropped meanwhile
+        assert await held is PutOutcome.STORED
+        assert await all_ids(ob) == [mid(1), mid(2)]  # put order kept
+
+
+async def test_nothing_is_held_while_the_store_is_behind(db: Path) -> None:
+    """Rows queued for writing and not yet committed: a put asked to be held
+    is written instead, so the caller's count of uncommitted puts (its
+    backpressure) includes it."""
+    config = OutboxConfig(
+        commit_interval=0, write_delay=5.0, commit_max_batch=2, inline_commit=False
+    )
+    async with await Outbox.open(db, config) as ob:
+        queued = [ob.put_soon(item(n)) for n in (1, 2)]
+        third = ob.put_soon(item(3), hold=True)
+        assert not ob.holds(mid(3))
+        assert [await f for f in (*queued, third)] == [PutOutcome.STORED] * 3
+        later = ob.put_soon(item(4), hold=True)  # written: held again
+        assert ob.holds(mid(4))
+        await ob.ack([mid(4)])
+        assert await later is PutOutcome.ACKNOWLEDGED
+
+
+async def test_a_cancelled_ack_of_held_and_stored_rows_raises_nothing(
+    db: Path,
+) -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    config = OutboxConfig(commit_interval=0, write_delay=5.0, inline_commit=False)
+    try:
+        async with await Outbox.open(db, config) as ob:
+            assert await ob.put(item(1))
+            ob.put_soon(item(2), hold=True)
+            acking = asyncio.create_task(ob.ack([mid(1), mid(2)]))
+            await asyncio.sleep(0)  # the ack is queued
+            acking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await acking
+            await ob.stats()  # the store's delete has completed by now
+            assert await all_ids(ob) == []
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []
