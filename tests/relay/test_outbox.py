@@ -967,7 +967,7 @@ async def test_a_cancelled_ack_of_held_and_stored_rows_raises_nothing(
     try:
         async with await Outbox.open(db, config) as ob:
             assert await ob.put(item(1))
-            ob.put_soon(item(2), hold=True)
+            held = ob.put_soon(item(2), hold=True)
             acking = asyncio.create_task(ob.ack([mid(1), mid(2)]))
             await asyncio.sleep(0)  # the ack is queued
             acking.cancel()
@@ -975,6 +975,7 @@ async def test_a_cancelled_ack_of_held_and_stored_rows_raises_nothing(
                 await acking
             await ob.stats()  # the store's delete has completed by now
             assert await all_ids(ob) == []
+            assert await held is PutOutcome.ACKNOWLEDGED
     finally:
         loop.set_exception_handler(None)
     assert errors == []
