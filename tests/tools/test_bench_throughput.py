@@ -88,7 +88,9 @@ def test_pipeline_reports_both_relays_per_profile_and_draws_them(
         check_relay(naive)
         assert naive["settings"]["cloud.batch_items"] == 1
         assert naive["settings"]["cloud.max_pending_puts"] == 1
+        assert naive["settings"]["outbox.write_delay"] == 0  # every message written
         assert result["settings"]["cloud.batch_items"] == 64
+        assert result["settings"]["outbox.write_delay"] == 0.5
         assert result["outbox_sync"] == "NORMAL"
         assert set(result["batched_over_naive"]) == {
             "goodput",
