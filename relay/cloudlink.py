@@ -272,7 +272,8 @@ class CloudLink:
 
         Waits only while ``max_pending_puts`` messages are uncommitted. The
         future gives the outcome as :meth:`put` does, once committed (act on
-        it then: acknowledge STORED and DUPLICATE), or the storage error.
+        it then: acknowledge STORED, DUPLICATE and ACKNOWLEDGED), or the
+        storage error.
         Messages submitted back to back share one transaction.
 
         With ``hold``, while the uplink is connected and the message can be
