@@ -880,7 +880,7 @@ class _Unwritten:
     """A put held in memory (``write_delay``) until acknowledged or written."""
 
     item: OutboxItem
-    deadline: float  # monotonic: written then unless acknowledged
+    deadline: float  # loop time: written then unless acknowledged
     future: asyncio.Future[PutOutcome]
     also: list[asyncio.Future[PutOutcome]] = field(default_factory=list)
     acked: bool = False
@@ -1273,11 +1273,12 @@ class Outbox:
             len(self._unwritten) >= self._config.commit_max_batch
             or self._unwritten_bytes + size > self._config.max_unwritten_bytes
         ):
-            self._write_unwritten(len(self._unwritten))
+            self._write_unwritten()
         now = self._clock()
+        deadline = self._loop.time() + self._config.write_delay
         self._unwritten[item.msg_id] = _Unwritten(
             item,
-            time.monotonic() + self._config.write_delay,
+            deadline,
             future,
             # A copy may be stored (written earlier, the glasses' ACK lost):
             # the gateway's ack must delete it too.
@@ -1285,9 +1286,7 @@ class Outbox:
         )
         self._unwritten_bytes += size
         if self._unwritten_timer is None:
-            self._unwritten_timer = self._loop.call_later(
-                self._config.write_delay, self._write_due
-            )
+            self._unwritten_timer = self._loop.call_at(deadline, self._write_due)
         self._generation += 1
         self._fresh.append((self._generation, _row(item, now)))
         if len(self._fresh) > _FRESH_MAX:
@@ -1301,44 +1300,39 @@ class Outbox:
         self._unwritten_timer = None
         if self._closing:
             return
-        now = time.monotonic()
+        now = self._loop.time()
         due = 0
         for entry in self._unwritten.values():
             if entry.deadline > now:
                 break
             due += 1
-        if due:
-            self._write_unwritten(due)
+        self._write_unwritten(due)
         if self._unwritten:
             first = next(iter(self._unwritten.values()))
-            self._unwritten_timer = self._loop.call_at(
-                self._loop.time() + max(0.0, first.deadline - now), self._write_due
-            )
+            self._unwritten_timer = self._loop.call_at(first.deadline, self._write_due)
 
-    def _write_unwritten(self, count: int) -> None:
-        """Write the first ``count`` held rows as ordinary puts (outcomes follow)."""
-        if not count:
-            return
-        entries = []
-        for _ in range(count):
-            msg_id = next(iter(self._unwritten))
-            entry = self._unwritten.pop(msg_id)
-            self._unwritten_bytes -= len(entry.item.envelope)
-            entries.append(entry)
+    def _take_unwritten(self, msg_id: bytes) -> _Unwritten | None:
+        """Take a held row out of memory (its bytes; the timer if it was the last)."""
+        entry = self._unwritten.pop(msg_id, None)
+        if entry is None:
+            return None
+        self._unwritten_bytes -= len(entry.item.envelope)
         if not self._unwritten and self._unwritten_timer is not None:
             self._unwritten_timer.cancel()
             self._unwritten_timer = None
+        return entry
+
+    def _write_unwritten(self, count: int | None = None) -> None:
+        """Write the first ``count`` held rows (all by default) as ordinary puts."""
+        ids = list(self._unwritten)[:count]
+        if not ids:
+            return
+        entries = [e for e in map(self._take_unwritten, ids) if e is not None]
         step = self._config.commit_max_batch
         futures = self._queue_puts([e.item for e in entries], held=True)
         for index, future in enumerate(futures):
             part = entries[index * step : (index + 1) * step]
             future.add_done_callback(functools.partial(_settle_written, part))
-
-    def _write_all_unwritten(self) -> None:
-        self._write_unwritten(len(self._unwritten))
-
-    def _unwritten_rows(self) -> list[_Unwritten]:
-        return list(self._unwritten.values())
 
     async def next_batch(
         self,
@@ -1478,7 +1472,7 @@ class Outbox:
         now = self._clock()
         # Held rows as of now: the store has them only if written after
         # this read (which is queued first), so they are added from memory.
-        held = self._unwritten_rows()
+        held = list(self._unwritten.values())
         rows, complete = await self._call(
             lambda store: store.next_batch(max_items, max_bytes, skip, now)
         )
@@ -1528,19 +1522,15 @@ class Outbox:
         stored: list[bytes] = []
         dropped = 0
         for msg_id in ids:
-            entry = self._unwritten.pop(msg_id, None)
+            entry = self._take_unwritten(msg_id)
             if entry is None or entry.maybe_stored:
                 stored.append(msg_id)
             if entry is None:
                 continue
             dropped += 1
-            self._unwritten_bytes -= len(entry.item.envelope)
             entry.acked = True
             _settle(entry, PutOutcome.ACKNOWLEDGED)
         self._acked_unwritten += dropped
-        if not self._unwritten and self._unwritten_timer is not None:
-            self._unwritten_timer.cancel()
-            self._unwritten_timer = None
         future = self._submit_ids(_IdsOp.ACK, stored, lazy=lazy)
         if not dropped:
             return future
@@ -1603,7 +1593,7 @@ class Outbox:
         Raises:
             OutboxClosedError: The outbox is closed.
         """
-        self._write_all_unwritten()
+        self._write_unwritten()
         return await self._call(lambda store: store.rows_with_topic(topic, limit))
 
     async def replace_envelopes(
@@ -1622,7 +1612,7 @@ class Outbox:
             OutboxClosedError: The outbox is closed.
             OutboxStorageError: SQLite failed; nothing was replaced.
         """
-        self._write_all_unwritten()
+        self._write_unwritten()
         return await self._rewrite(
             lambda store: store.replace_envelopes(old_topic, rows)
         )
@@ -1634,7 +1624,7 @@ class Outbox:
             OutboxClosedError: The outbox is closed.
             OutboxStorageError: SQLite failed; nothing was deleted.
         """
-        self._write_all_unwritten()
+        self._write_unwritten()
         return await self._rewrite(lambda store: store.purge())
 
     async def mark_attempt(self, ids: Iterable[bytes]) -> int:
@@ -1756,7 +1746,7 @@ class Outbox:
             if not self._closed:
                 await asyncio.to_thread(self._thread.join)
             return
-        self._write_all_unwritten()
+        self._write_unwritten()
         self._flush_lazy()
         self._closing = True
         done: asyncio.Future[None] = self._loop.create_future()
@@ -1844,21 +1834,7 @@ class Outbox:
         if not held and self._unwritten:
             # Rows held were put first: they go to the store first, so the
             # store's insertion order stays the put order.
-            self._write_all_unwritten()
-        futures = self._queue_puts_now(items, held)
-        step = self._config.commit_max_batch
-        self._rows_writing += len(items)
-        for index, future in enumerate(futures):
-            count = len(items[index * step : (index + 1) * step])
-            future.add_done_callback(functools.partial(self._rows_written, count))
-        return futures
-
-    def _rows_written(self, count: int, _: asyncio.Future[list[PutOutcome]]) -> None:
-        self._rows_writing -= count
-
-    def _queue_puts_now(
-        self, items: Sequence[OutboxItem], held: bool
-    ) -> list[asyncio.Future[list[PutOutcome]]]:
+            self._write_unwritten()
         now = self._clock()
         step = self._config.commit_max_batch
         if (
@@ -1869,16 +1845,30 @@ class Outbox:
             and self._store_lock.acquire(blocking=False)
         ):
             try:
-                return [self._commit_inline(items, now, held)]
+                return [
+                    self._writing(len(items), self._commit_inline(items, now, held))
+                ]
             finally:
                 self._store_lock.release()
         futures: list[asyncio.Future[list[PutOutcome]]] = []
         self._flush_lazy()
         for start in range(0, len(items), step):
+            chunk = items[start : start + step]
             future: asyncio.Future[list[PutOutcome]] = self._loop.create_future()
-            self._enqueue(_PutRequest(items[start : start + step], now, future, held))
-            futures.append(future)
+            self._enqueue(_PutRequest(chunk, now, future, held))
+            futures.append(self._writing(len(chunk), future))
         return futures
+
+    def _writing(
+        self, rows: int, future: asyncio.Future[list[PutOutcome]]
+    ) -> asyncio.Future[list[PutOutcome]]:
+        """Count ``rows`` as being written until ``future`` completes."""
+        self._rows_writing += rows
+        future.add_done_callback(functools.partial(self._rows_written, rows))
+        return future
+
+    def _rows_written(self, rows: int, _: asyncio.Future[list[PutOutcome]]) -> None:
+        self._rows_writing -= rows
 
     def _commit_inline(
         self, items: Sequence[OutboxItem], now: float, held: bool = False

@@ -463,6 +463,26 @@ async def phone_link(
         await outbox.close()
 
 
+@asynccontextmanager
+async def held_acks(
+    state: Path,
+    broker: Server,
+    *,
+    observer: AckTimes,
+    cloud: CloudConfig | None = None,
+    outbox_config: OutboxConfig | None = None,
+) -> AsyncIterator[tuple[CloudLink, Outbox]]:
+    """:func:`phone_link` with the real gateway holding every ack 1 s."""
+    gateway = config(state, broker_url=broker.url, ack_delay_s=1.0, ack_interval_s=1.0)
+    async with (
+        running(gateway),
+        phone_link(
+            state, broker, observer=observer, config=cloud, outbox_config=outbox_config
+        ) as pair,
+    ):
+        yield pair
+
+
 @dataclass
 class AckTimes:
     """A cloud link observer: when each payload left, when its ack counted."""
@@ -1009,13 +1029,9 @@ async def test_the_outbox_records_resends_not_first_sends(
     from relay.outbox import OutboxRow, Priority
 
     sends = SendCount()
-    cfg = config(state, broker_url=mosquitto.url, ack_delay_s=1.0, ack_interval_s=1.0)
-    async with (
-        running(cfg),
-        phone_link(
-            state, mosquitto, observer=sends, config=CloudConfig(resend_after=0.2)
-        ) as (link, outbox),
-    ):
+    async with held_acks(
+        state, mosquitto, observer=sends, cloud=CloudConfig(resend_after=0.2)
+    ) as (link, outbox):
 
         async def written() -> list[OutboxRow]:
             await outbox.ack([bytes(16)])  # not lazy: the lazy writes go first
@@ -1076,13 +1092,9 @@ async def test_messages_acked_after_the_write_delay_are_written_first(
     from relay.outbox import OutboxConfig, Priority, PutOutcome
 
     acks = AckTimes()
-    cfg = config(state, broker_url=mosquitto.url, ack_delay_s=1.0, ack_interval_s=1.0)
-    async with (
-        running(cfg),
-        phone_link(
-            state, mosquitto, observer=acks, outbox_config=OutboxConfig(write_delay=0.2)
-        ) as (link, outbox),
-    ):
+    async with held_acks(
+        state, mosquitto, observer=acks, outbox_config=OutboxConfig(write_delay=0.2)
+    ) as (link, outbox):
         async with asyncio.timeout(WAIT_S):
             await link.put(telemetry(0), Priority.NORMAL)
             await _acked(acks, 1)

@@ -571,7 +571,6 @@ def reference_summary(times: Sequence[float]) -> dict[str, float | None]:
 
 # -- the sampler: who spends the daemon's CPU ------------------------------------
 
-_ROOT: Final = CODE_ROOT
 _BT_PARTS: Final = ("/bumble/", "/bleak/", "/bleak_retry_connector/", "/relay/sim/")
 _OWN_PARTS: Final = ("/relay/", "/protocol/", "/tools/")
 
@@ -626,7 +625,7 @@ class Sampler:
             kind = "harness"
         elif any(part in name for part in _BT_PARTS):
             kind = "bt_host"
-        elif name.startswith(_ROOT) and any(part in name for part in _OWN_PARTS):
+        elif name.startswith(CODE_ROOT) and any(part in name for part in _OWN_PARTS):
             kind = "daemon"
         else:
             kind = None
@@ -639,8 +638,8 @@ class Sampler:
         name = code.co_filename
         if "site-packages/" in name:
             name = name.split("site-packages/", 1)[1]
-        elif name.startswith(_ROOT + "/"):
-            name = name[len(_ROOT) + 1 :]
+        elif name.startswith(CODE_ROOT + "/"):
+            name = name[len(CODE_ROOT) + 1 :]
         elif "/lib/python3" in name:
             name = name.split("/lib/python3", 1)[1].split("/", 1)[-1]
         return f"{name}:{code.co_name}"
