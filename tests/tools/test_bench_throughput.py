@@ -7,17 +7,27 @@ short invocation, which runs the shipped relay and the naive one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from PIL import Image
 
+import tools.bench.throughput as throughput
+from protocol.message import Message
+from relay.errors import ConfigError
 from tools.bench.throughput import (
+    _Injector,
+    _messages,
+    _pipeline_sleep,
     _Sent,
     _Tally,
     _Window,
@@ -168,3 +178,70 @@ def test_reference_workload_times_itself_and_summarises() -> None:
         "p90": None,
         "samples": 0,
     }
+
+
+class SlowPeer:
+    """The pipeline peer's seam for :class:`_Injector`: two fragments a
+    message, each seal step slow (as a gigabyte of real sealing is)."""
+
+    def __init__(self, step_s: float) -> None:
+        self.step_s = step_s
+        self.sealed = 0
+        self.notified: list[bytes] = []
+        self.notify = lambda data: self.notified.append(bytes(data))
+        self.dropped = False
+        self.acked_event = asyncio.Event()
+        self.on_acked: Any = None
+
+    def seal(self, messages: Sequence[Message]) -> tuple[list[bytes], list[int]]:
+        time.sleep(self.step_s)
+        fragments: list[bytes] = []
+        ends: list[int] = []
+        for _ in messages:
+            n = self.sealed
+            fragments += [b"%d.0" % n, b"%d.1" % n]
+            ends.append(len(fragments) - 1)
+            self.sealed += 1
+        return fragments, ends
+
+
+async def test_pipeline_input_is_prepared_in_steps_with_the_link_kept_alive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: one seal of the whole input stopped the loop for as long as it
+    # took (seconds for a gigabyte), past the daemon's supervision timeout.
+    monkeypatch.setattr(throughput, "_PREPARE_SLICE", 10)
+    peer = SlowPeer(step_s=0.1)
+    injector = _Injector(peer, lambda: 0, 100)  # type: ignore[arg-type]
+    messages = _messages(150, 0, 100)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    other = asyncio.create_task(ticker())
+    await injector.prepare(messages)
+    other.cancel()
+    assert ticks >= 14  # the loop ran between the 15 steps
+    assert injector.fragments == [
+        b"%d.%d" % (n, part) for n in range(150) for part in (0, 1)
+    ]
+    assert injector.ends == [2 * n + 1 for n in range(150)]
+    assert injector.ids == [m.message_id.hex() for m in messages]
+    # 1.5 s of preparing: the first prepared message went out meanwhile, whole.
+    assert peer.notified == [b"0.0", b"0.1"]
+    assert len(injector.arrived) == 1
+    assert injector._next == 2
+
+
+async def test_pipeline_run_stops_with_one_line_when_the_link_drops() -> None:
+    peer = SimpleNamespace(dropped=True)
+    daemon = SimpleNamespace(
+        cloud=SimpleNamespace(stats=SimpleNamespace(acks_received=0))
+    )
+    spec = SimpleNamespace(progress=False)
+    with pytest.raises(ConfigError, match="dropped the bench link"):
+        await _pipeline_sleep(spec, 5.0, daemon, peer, "window")  # type: ignore[arg-type]

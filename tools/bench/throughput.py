@@ -131,6 +131,11 @@ _BACKLOG_S: Final = 0.5
 _QUIET_S: Final = 2.0
 """Pipeline: the longest the harness leaves the link silent (the phone's
 supervision timeout is 8 s)."""
+_PREPARE_SLICE: Final = 2048
+"""Pipeline: messages sealed per step of the preparation; between steps the
+event loop runs (the daemon, and a prepared message a second to keep the link
+alive), so a long preparation never silences the link past the supervision
+timeout."""
 _CALIBRATION_S: Final = 2.0
 _DRAIN_S: Final = 15.0
 _SAMPLE_S: Final = 0.003
@@ -1854,6 +1859,8 @@ class _Peer:
         self.on_acked: Callable[[tuple[Message, ...]], None] = lambda _: None
         self.acked_event = asyncio.Event()
         self.busy_s = 0.0
+        self.dropped = False
+        """Set when the daemon disconnects: the run cannot go on."""
         self._live = True
 
     def receive(self, data: bytes) -> None:
@@ -2000,6 +2007,7 @@ class _FakeClient(BaseBleakClient):
         if self._connected:
             self._connected = False
             self._peer.notify = None
+            self._peer.dropped = True
             if self._disconnected_callback is not None:
                 asyncio.get_running_loop().call_soon(self._disconnected_callback)
 
@@ -2083,6 +2091,34 @@ class _Injector:
         self._next = 0
         self.stop.clear()
 
+    async def prepare(self, messages: Sequence[Message]) -> None:
+        """:meth:`load` a large batch in steps, the link kept alive meanwhile.
+
+        Sealing a gigabyte takes seconds; done in one call it would leave the
+        daemon's link silent past its supervision timeout (and its event
+        loop stopped). Between steps the loop runs and, once a second, the
+        next prepared message is handed over (:meth:`keep_alive`); those
+        arrive before the window opens and are not counted in it.
+        """
+        self.load(messages[:_PREPARE_SLICE])
+        alive = asyncio.create_task(self.keep_alive(), name="bench keep-alive")
+        try:
+            for at in range(_PREPARE_SLICE, len(messages), _PREPARE_SLICE):
+                await asyncio.sleep(0)
+                if self.peer.dropped:
+                    raise ConfigError("the daemon dropped the bench link")
+                part = messages[at : at + _PREPARE_SLICE]
+                fragments, ends = self.peer.seal(part)
+                base = len(self.fragments)
+                self.fragments.extend(fragments)
+                self.ends.extend(base + end for end in ends)
+                self.ids.extend(m.message_id.hex() for m in part)
+                self._loaded.update(m.message_id for m in part)
+        finally:
+            alive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await alive
+
     def _on_acked(self, messages: tuple[Message, ...]) -> None:
         loaded = self._loaded
         self._acked += sum(1 for m in messages if m.message_id in loaded)
@@ -2112,7 +2148,10 @@ class _Injector:
             messages = self.window - self.backlog
             if room <= 0:
                 peer.acked_event.clear()
-                await peer.acked_event.wait()
+                # Bounded, so a set :attr:`stop` is seen even if no ack comes.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_QUIET_S):
+                        await peer.acked_event.wait()
                 continue
             if messages <= 0 and time.monotonic() - self._last < _QUIET_S:
                 await asyncio.sleep(0.005)
@@ -2251,12 +2290,12 @@ async def _pipeline_relay(
         count = max(1000, int(rate * budget))
         count = min(count, (1 << 30) // (spec.message_bytes + 200))
         messages = _messages(count, sent, spec.message_bytes)
-        injector.load(messages)  # sealed before timing starts
+        await injector.prepare(messages)  # sealed before timing starts
         prepared_mb = sum(len(f) for f in injector.fragments) / _MB
         del messages
         sampler.start()
         injecting = asyncio.create_task(injector.run(), name="bench injector")
-        await _pipeline_sleep(spec, spec.warmup, daemon, "warm-up")
+        await _pipeline_sleep(spec, spec.warmup, daemon, peer, "warm-up")
         start, cpu_start = time.time(), _self_cpu_s()
         harness_start = injector.busy_s + peer.busy_s
         others = _Cpu([cloud.gateway])
@@ -2267,7 +2306,9 @@ async def _pipeline_relay(
         sampler.active = True
         try:
             with _cprofiled(_cprofile_path(spec, relay)):
-                await _pipeline_sleep(spec, spec.duration, daemon, label, injecting)
+                await _pipeline_sleep(
+                    spec, spec.duration, daemon, peer, label, injecting
+                )
         except BaseException:
             reference.stop()
             raise
@@ -2361,6 +2402,7 @@ async def _pipeline_sleep(
     spec: BenchSpec,
     seconds: float,
     daemon: Any,
+    peer: _Peer,
     label: str,
     injecting: asyncio.Task[None] | None = None,
 ) -> None:
@@ -2371,6 +2413,10 @@ async def _pipeline_sleep(
         if injecting is not None and injecting.done():
             injecting.result()
             return
+        if peer.dropped:
+            # The peer's session cannot start over; a run without it would
+            # wait for acks that never come.
+            raise ConfigError("the daemon dropped the bench link")
         if spec.progress:
             done = (daemon.cloud.stats.acks_received - acked) * spec.message_bytes
             now = time.monotonic() - start
