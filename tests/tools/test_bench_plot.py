@@ -6,6 +6,7 @@ that keeps the two panels side by side on a common baseline.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from relay.errors import ConfigError
 from tools.bench.plot import (
     BATCHED_COLOUR,
     CEILING_COLOUR,
+    LOG_SPREAD,
     NAIVE_COLOUR,
     write_throughput_chart,
 )
@@ -235,3 +237,23 @@ def test_success_leaves_no_tmp_and_replaces_an_old_chart(tmp_path: Path) -> None
     write_throughput_chart(_three_profiles(), path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chart.png"]
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_goodput_spanning_decades_gets_a_log_axis(tmp_path: Path) -> None:
+    # unshaped beside the BLE profiles: on a linear axis ble40's bar would be
+    # a few pixels; on the log one, height differences are ratios of goodput.
+    figures = [
+        ("ble40", 26_000.0),
+        ("android-2m", 160_000.0),
+        ("unshaped", 5_600_000.0),
+    ]
+    assert figures[-1][1] / figures[0][1] > LOG_SPREAD
+    results = [_result(name, g, None, 0.1, None) for name, g in figures]
+    path = tmp_path / "chart.png"
+    write_throughput_chart(results, path)
+    with Image.open(path) as img:
+        img.load()
+        low, mid, high = (_height(b) for b in _bars(img, BATCHED_COLOUR)[:3])
+    assert low > 50  # readable (linear: about 2 pixels)
+    expected = math.log(5_600_000 / 160_000) / math.log(160_000 / 26_000)
+    assert (high - mid) / (mid - low) == pytest.approx(expected, rel=0.1)

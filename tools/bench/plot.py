@@ -2,8 +2,11 @@
 
 One PNG, two panels side by side: goodput (kB/s, with a tick at the link's
 ceiling) and daemon CPU (% of one core), each with a pair of bars per link
-profile: the shipped, batched relay against the naive one. Pillow only; the
-file is written atomically (``FILE.tmp``, then :func:`os.replace`).
+profile: the shipped, batched relay against the naive one. Goodput spanning
+more than :data:`LOG_SPREAD` times from its smallest to its largest figure
+(``unshaped`` beside the BLE profiles) gets a logarithmic axis, so every
+profile's bars stay readable. Pillow only; the file is written atomically
+(``FILE.tmp``, then :func:`os.replace`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from relay.errors import ConfigError
 
-__all__ = ["BATCHED_COLOUR", "CEILING_COLOUR", "NAIVE_COLOUR", "write_throughput_chart"]
+__all__ = [
+    "BATCHED_COLOUR",
+    "CEILING_COLOUR",
+    "LOG_SPREAD",
+    "NAIVE_COLOUR",
+    "write_throughput_chart",
+]
 
 BATCHED_COLOUR: Final = (31, 119, 180)
 NAIVE_COLOUR: Final = (255, 127, 14)
@@ -31,6 +40,8 @@ _TOP: Final = 110  # highest point a bar can reach
 _BASE: Final = 700  # bars stand on this row
 _LEFT: Final = 70  # room for the axis labels inside each panel
 _RIGHT: Final = 20
+LOG_SPREAD: Final = 20.0
+"""Largest over smallest positive goodput beyond which its axis is logarithmic."""
 
 _Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 _Group = tuple[str, float | None, float | None, float | None]
@@ -62,6 +73,24 @@ def _axis_top(peak: float) -> tuple[float, float]:
     return math.ceil(peak * 1.12 / step) * step, step
 
 
+def _log_axis(values: Sequence[float]) -> tuple[float, float]:
+    """Whole decades around the positive ``values``: (bottom, top)."""
+    positive = [v for v in values if v > 0]
+    low = 10.0 ** math.floor(math.log10(min(positive)))
+    high = 10.0 ** math.ceil(math.log10(max(positive) * 1.12))
+    return low, high
+
+
+def _log_ticks(low: float, high: float) -> list[float]:
+    """1, 2 and 5 times each power of ten from ``low`` to ``high``."""
+    ticks: list[float] = []
+    decade = low
+    while decade <= high * (1 + 1e-9):
+        ticks += [m * decade for m in (1, 2, 5) if m * decade <= high * (1 + 1e-9)]
+        decade *= 10
+    return ticks
+
+
 def _distinct(results: Sequence[Mapping[str, Any]], key: str) -> list[str]:
     """The distinct values of ``key``, in order of appearance."""
     return list(dict.fromkeys(str(r.get(key) or "?") for r in results))
@@ -74,22 +103,47 @@ def _panel(
     groups: list[_Group],
     paired: bool,
     unit: str,
+    *,
+    log: bool = False,
 ) -> None:
-    """Draw one panel: grid, ceiling ticks, bar pairs and their labels."""
+    """Draw one panel: grid, ceiling ticks, bar pairs and their labels.
+
+    With ``log`` the axis runs over whole decades (``values`` must hold a
+    positive one) and a bar's height is its value's logarithm above the
+    bottom decade.
+    """
     font, small = _font(13), _font(11)
     width = _WIDTH // 2 - _LEFT - _RIGHT
     left = x0 + _LEFT
     values = [v for g in groups for v in g[1:] if v is not None]
-    top, step = _axis_top(max(values, default=0.0))
     span = _BASE - _TOP
+    ticks: list[tuple[float, str]]
+    if log:
+        low, high = _log_axis(values)
+        decades = math.log10(high / low)
 
-    def y_of(value: float) -> int:
-        return _BASE - round(value / top * span)
+        def y_of(value: float) -> int:
+            if value <= low:
+                return _BASE
+            return _BASE - round(math.log10(value / low) / decades * span)
+
+        ticks = [(t, f"{t:,g}{unit}") for t in _log_ticks(low, high)]
+        title += ", log scale"
+    else:
+        top, step = _axis_top(max(values, default=0.0))
+
+        def y_of(value: float) -> int:
+            return _BASE - round(value / top * span)
+
+        decimals = max(0, -math.floor(math.log10(step)))
+        ticks = [
+            (i * step, f"{i * step:,.{decimals}f}{unit}")
+            for i in range(round(top / step) + 1)
+        ]
 
     draw.text((left + width / 2, _TOP - 26), title, fill=_INK, font=font, anchor="ms")
-    decimals = max(0, -math.floor(math.log10(step)))
-    for i in range(round(top / step) + 1):
-        y, tick = y_of(i * step), f"{i * step:,.{decimals}f}{unit}"
+    for at, tick in ticks:
+        y = y_of(at)
         draw.line((left, y, left + width, y), fill=_GRID)
         draw.text((left - 6, y), tick, fill=_INK, font=small, anchor="rm")
     group_w = width / len(groups)
@@ -105,7 +159,10 @@ def _panel(
         for j, (value, colour) in enumerate(bars):
             bx0 = round(first + j * bar_w) + 2
             bx1 = round(first + (j + 1) * bar_w) - 2
-            text = "n/a" if value is None else f"{value:,.1f}{unit}"
+            if value is None:
+                text = "n/a"
+            else:  # three figures or more: no decimals, so pairs of labels fit
+                text = f"{value:,.{0 if value >= 100 else 1}f}{unit}"
             y = _BASE
             if value is not None and value > 0:
                 y = min(y_of(value), _BASE - 1)
@@ -157,7 +214,9 @@ def _render(results: Sequence[Mapping[str, Any]]) -> Image.Image:
     if any(g[3] is not None for g in goodput):
         draw.line((x, 55, x + 14, 55), CEILING_COLOUR, 3)
         draw.text((x + 19, 55), "link ceiling", fill=_INK, font=font, anchor="lm")
-    _panel(draw, 0, "goodput (kB/s)", goodput, paired, "")
+    positive = [v for g in goodput for v in g[1:] if v is not None and v > 0]
+    log = bool(positive) and max(positive) > LOG_SPREAD * min(positive)
+    _panel(draw, 0, "goodput (kB/s)", goodput, paired, "", log=log)
     _panel(draw, _WIDTH // 2, "daemon CPU (% of one core)", cpu, paired, "%")
     return img
 
