@@ -25,8 +25,8 @@ import tools.bench.throughput as throughput
 from protocol.message import Message
 from relay.errors import ConfigError
 from tools.bench.throughput import (
+    _PAYLOAD_HEADER,
     _Injector,
-    _messages,
     _pipeline_sleep,
     _Sent,
     _Tally,
@@ -108,6 +108,8 @@ def test_pipeline_reports_both_relays_per_profile_and_draws_them(
             "cpu_s_per_mb",
         }
     assert "goodput" in stderr  # the table for people goes to stderr
+    assert "x 162,667 B/s" in stderr
+    assert "link efficiency" not in stderr  # the multiple, not a fraction
     with Image.open(chart) as image:  # the chart of both profiles
         assert (image.format, image.size) == ("PNG", (1200, 800))
 
@@ -186,7 +188,7 @@ class SlowPeer:
 
     def __init__(self, step_s: float) -> None:
         self.step_s = step_s
-        self.sealed = 0
+        self.sealed: list[Message] = []
         self.notified: list[bytes] = []
         self.notify = lambda data: self.notified.append(bytes(data))
         self.dropped = False
@@ -197,11 +199,11 @@ class SlowPeer:
         time.sleep(self.step_s)
         fragments: list[bytes] = []
         ends: list[int] = []
-        for _ in messages:
-            n = self.sealed
+        for message in messages:
+            n = len(self.sealed)
             fragments += [b"%d.0" % n, b"%d.1" % n]
             ends.append(len(fragments) - 1)
-            self.sealed += 1
+            self.sealed.append(message)
         return fragments, ends
 
 
@@ -213,7 +215,6 @@ async def test_pipeline_input_is_prepared_in_steps_with_the_link_kept_alive(
     monkeypatch.setattr(throughput, "_PREPARE_SLICE", 10)
     peer = SlowPeer(step_s=0.1)
     injector = _Injector(peer, lambda: 0, 100)  # type: ignore[arg-type]
-    messages = _messages(150, 0, 100)
     ticks = 0
 
     async def ticker() -> None:
@@ -223,14 +224,17 @@ async def test_pipeline_input_is_prepared_in_steps_with_the_link_kept_alive(
             ticks += 1
 
     other = asyncio.create_task(ticker())
-    await injector.prepare(messages)
+    await injector.prepare(150, 7, 100)
     other.cancel()
     assert ticks >= 14  # the loop ran between the 15 steps
     assert injector.fragments == [
         b"%d.%d" % (n, part) for n in range(150) for part in (0, 1)
     ]
     assert injector.ends == [2 * n + 1 for n in range(150)]
-    assert injector.ids == [m.message_id.hex() for m in messages]
+    assert injector.ids == [m.message_id.hex() for m in peer.sealed]
+    assert [_PAYLOAD_HEADER.unpack_from(m.body)[1] for m in peer.sealed] == list(
+        range(7, 157)
+    )  # numbered on from ``first``, in order
     # 1.5 s of preparing: the first prepared message went out meanwhile, whole.
     assert peer.notified == [b"0.0", b"0.1"]
     assert len(injector.arrived) == 1

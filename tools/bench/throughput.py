@@ -145,8 +145,8 @@ daemon's ``outbox.write_delay`` (the longest it holds a message unwritten, and
 so unacknowledged, waiting for the gateway's ack), so their queue stays short
 (nothing ages past the session's resend timer) yet never stalls the link."""
 _REFERENCE_LOOPS: Final = 60_000
-"""Iterations of the reference workload (about 10 ms on an uncontended core
-of the machine in docs/benchmarks.md)."""
+"""Iterations of the reference workload (8-10 ms on an uncontended core of the
+machines in docs/benchmarks.md and docs/benchmarks-history.md)."""
 _REFERENCE_EVERY_S: Final = 0.5
 _MB: Final = 1_000_000
 _FAKE_ADDRESS: Final = "C0:FF:EE:00:BE:01"
@@ -2091,23 +2091,24 @@ class _Injector:
         self._next = 0
         self.stop.clear()
 
-    async def prepare(self, messages: Sequence[Message]) -> None:
-        """:meth:`load` a large batch in steps, the link kept alive meanwhile.
+    async def prepare(self, count: int, first: int, size: int) -> None:
+        """:meth:`load` ``count`` messages of ``size`` bytes in steps.
 
-        Sealing a gigabyte takes seconds; done in one call it would leave the
-        daemon's link silent past its supervision timeout (and its event
-        loop stopped). Between steps the loop runs and, once a second, the
-        next prepared message is handed over (:meth:`keep_alive`); those
-        arrive before the window opens and are not counted in it.
+        Their sequence numbers start at ``first``. Making and sealing a
+        gigabyte takes seconds; done in one call it would leave the daemon's
+        link silent past its supervision timeout (and its event loop
+        stopped). Between steps the loop runs and, once a second, the next
+        prepared message is handed over (:meth:`keep_alive`); those arrive
+        before the window opens and are not counted in it.
         """
-        self.load(messages[:_PREPARE_SLICE])
+        self.load(_messages(min(count, _PREPARE_SLICE), first, size))
         alive = asyncio.create_task(self.keep_alive(), name="bench keep-alive")
         try:
-            for at in range(_PREPARE_SLICE, len(messages), _PREPARE_SLICE):
+            for at in range(_PREPARE_SLICE, count, _PREPARE_SLICE):
                 await asyncio.sleep(0)
                 if self.peer.dropped:
                     raise ConfigError("the daemon dropped the bench link")
-                part = messages[at : at + _PREPARE_SLICE]
+                part = _messages(min(_PREPARE_SLICE, count - at), first + at, size)
                 fragments, ends = self.peer.seal(part)
                 base = len(self.fragments)
                 self.fragments.extend(fragments)
@@ -2289,10 +2290,9 @@ async def _pipeline_relay(
         budget = (spec.warmup + spec.duration) * 2 + _DRAIN_S
         count = max(1000, int(rate * budget))
         count = min(count, (1 << 30) // (spec.message_bytes + 200))
-        messages = _messages(count, sent, spec.message_bytes)
-        await injector.prepare(messages)  # sealed before timing starts
+        # Sealed before timing starts.
+        await injector.prepare(count, sent, spec.message_bytes)
         prepared_mb = sum(len(f) for f in injector.fragments) / _MB
-        del messages
         sampler.start()
         injecting = asyncio.create_task(injector.run(), name="bench injector")
         await _pipeline_sleep(spec, spec.warmup, daemon, peer, "warm-up")
@@ -2579,6 +2579,9 @@ def print_result(result: ThroughputResult) -> None:
         ),
     ]
     if result.mode == "pipeline":
+        # goodput / 162,667 B/s is the row below; as a "link efficiency" (the
+        # JSON field, kept) the same figure would read as a fraction.
+        rows = [row for row in rows if row[0] != "link efficiency"]
         rows.insert(
             1,
             (
