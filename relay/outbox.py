@@ -20,8 +20,8 @@ Inline commits (``OutboxConfig.inline_commit``, with ``synchronous = NORMAL`` on
     yields; a put of more than ``commit_max_batch`` items goes to the worker too). At
     a low rate (39 puts a second at the android-2m link rate) this spares the
     hand-off to the worker and back, two thread wake-ups after an idle gap, and the
-    wait for them: p99 added latency halved, CPU a little lower (docs/benchmarks.md,
-    ``tools.bench.coldpath``). The two
+    wait for them: p99 added latency halved, CPU a little lower
+    (docs/benchmarks-history.md, ``tools.bench.coldpath``). The two
     threads never use the connection at once: the worker holds a lock while it
     serves a request, and posts what it completed only after releasing it. SQLite's
     automatic checkpoint, which runs in whichever thread commits, is off then; the
@@ -1879,7 +1879,7 @@ class Outbox:
         loop iteration (a burst goes to the worker, which groups it, and a
         caller putting in a loop still yields). Spares the hand-off to the
         worker and back (two thread wake-ups, the loop's self-pipe), which
-        at a low rate cost more than the transaction (docs/benchmarks.md).
+        at a low rate cost more than the transaction (docs/benchmarks-history.md).
         """
         self._inline_this_turn = True
         self._loop.call_soon(self._next_turn)

@@ -17,8 +17,8 @@ one JSON object:
   apart (the android-2m message interval); the paced figures include one
   wake-up.
 
-Figures and their reading: docs/benchmarks.md, "Where the e2e daemon's CPU
-still goes".
+Figures and their reading: docs/benchmarks-history.md, "Where the e2e
+daemon's CPU still goes".
 """
 
 from __future__ import annotations

@@ -279,7 +279,7 @@ class GatewayConfig:
             most this late, and says per id how long it was held, which the
             phone takes out of its round-trip samples (docs/envelope.md §6).
             Each ack costs a streaming phone about 1 ms of CPU (an MQTT
-            read, an Ed25519 check, an outbox delete; docs/benchmarks.md).
+            read, an Ed25519 check, an outbox delete; docs/benchmarks-history.md).
         ack_max_ids: A device with this many ids waiting is acknowledged
             without waiting for ``ack_interval_s`` (a fast sender's window of
             unacknowledged messages must not fill while acks are held).
