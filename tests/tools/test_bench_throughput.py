@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from servers import Mosquitto
 
 import tools.bench.throughput as throughput
 from protocol.message import Message
@@ -44,9 +45,11 @@ FIELDS = (
 )  # fmt: skip
 
 
-def run_bench(*args: str, timeout: float = 55) -> tuple[dict[str, Any], str]:
+def run_bench(
+    *args: str, timeout: float = 55, command: str = "throughput"
+) -> tuple[dict[str, Any], str]:
     out = subprocess.run(
-        [str(SCRIPT), "bench", "throughput", "--json", *args],
+        [str(SCRIPT), "bench", command, "--json", *args],
         capture_output=True, text=True, check=False, timeout=timeout,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
@@ -117,7 +120,7 @@ def test_pipeline_reports_both_relays_per_profile_and_draws_them(
 @pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
 def test_e2e_through_processes_loses_nothing() -> None:
     result, _ = run_bench(
-        "--mode", "e2e", "--profile", "android-2m", "--duration", "5",
+        "--mode", "e2e", "--profile", "android-2m", "--duration", "3",
         "--warmup", "1",
     )  # fmt: skip
     assert result["mode"] == "e2e"
@@ -130,6 +133,31 @@ def test_e2e_through_processes_loses_nothing() -> None:
     assert isinstance(link_efficiency, float)
     assert 0 < link_efficiency <= 1.0
     assert result["bt_host_share"] is None or 0 <= result["bt_host_share"] <= 1
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
+def test_soak_reports_resources_at_start_and_end(mosquitto: Mosquitto) -> None:
+    # The shortest soak (10 s), through a broker the bench did not start.
+    result, stderr = run_bench(
+        "--duration", "10", "--warmup", "0.5", "--broker", mosquitto.url,
+        command="soak", timeout=80,
+    )  # fmt: skip
+    assert (result["mode"], result["profile"], result["uplink"]) == (
+        "soak",
+        "android-2m",
+        "mqtt",
+    )
+    assert result["naive"] is None  # the shipped relay only
+    check_relay(result)
+    assert result["broker_cpu_fraction"] is None  # not the bench's broker
+    resources = result["resources"]
+    for key in ("rss_mb", "fds", "threads", "asyncio_tasks"):
+        start, end = resources[key]
+        assert start > 0, key
+        assert end > 0, key
+    start, end = resources["rss_mb"]
+    assert resources["rss_growth_mb"] == pytest.approx(end - start, abs=0.11)
+    assert "RSS growth" in stderr
 
 
 @pytest.mark.parametrize(
