@@ -2082,14 +2082,23 @@ class _Injector:
 
     def load(self, messages: Sequence[Message]) -> None:
         """Seal the next batch (before timing); continues the same session."""
-        self.fragments, self.ends = self.peer.seal(messages)
-        self.ids = [m.message_id.hex() for m in messages]
-        self._loaded = {m.message_id for m in messages}
+        self.fragments, self.ends, self.ids = [], [], []
+        self._loaded = set()
+        self._extend(messages)
         self._acked = 0
         self._handed_before += len(self.arrived)
         self.arrived = []
         self._next = 0
         self.stop.clear()
+
+    def _extend(self, messages: Sequence[Message]) -> None:
+        """Seal ``messages`` onto the end of the loaded batch."""
+        fragments, ends = self.peer.seal(messages)
+        base = len(self.fragments)
+        self.fragments += fragments
+        self.ends += (base + end for end in ends)
+        self.ids += (m.message_id.hex() for m in messages)
+        self._loaded.update(m.message_id for m in messages)
 
     async def prepare(self, count: int, first: int, size: int) -> None:
         """:meth:`load` ``count`` messages of ``size`` bytes in steps.
@@ -2108,13 +2117,9 @@ class _Injector:
                 await asyncio.sleep(0)
                 if self.peer.dropped:
                     raise ConfigError("the daemon dropped the bench link")
-                part = _messages(min(_PREPARE_SLICE, count - at), first + at, size)
-                fragments, ends = self.peer.seal(part)
-                base = len(self.fragments)
-                self.fragments.extend(fragments)
-                self.ends.extend(base + end for end in ends)
-                self.ids.extend(m.message_id.hex() for m in part)
-                self._loaded.update(m.message_id for m in part)
+                self._extend(
+                    _messages(min(_PREPARE_SLICE, count - at), first + at, size)
+                )
         finally:
             alive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
